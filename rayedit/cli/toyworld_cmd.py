@@ -1,0 +1,1 @@
+"""Commands of this area register on rayedit.cli.app.app."""

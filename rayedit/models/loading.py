@@ -1,0 +1,118 @@
+"""Loading Hugging Face causal LMs by hub name or local folder, with tokenizer fix-ups for editing."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rayedit.models.adapters import FAMILIES, ModelAdapter, UnsupportedArchitectureError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """A model name or path that cannot be loaded; the message names it and says why."""
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer and adapter, plus identity used for cache keys."""
+
+    model: nn.Module
+    tokenizer: object
+    adapter: ModelAdapter
+    name: str
+    revision: str | None = None
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def fingerprint(self) -> str:
+        """Content hash of the *current* weights (computed once; call ``refresh_fingerprint`` after edits)."""
+        if self._fingerprint is None:
+            self._fingerprint = weights_fingerprint(self.model)
+        return self._fingerprint
+
+    def refresh_fingerprint(self) -> str:
+        self._fingerprint = None
+        return self.fingerprint
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """blake2b over every parameter and buffer (name, dtype, shape, bytes): identifies the weights exactly."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(getattr(model.config, "model_type", "")).encode())
+    seen: set[int] = set()
+    for name, t in sorted(model.state_dict().items()):
+        if t.data_ptr() in seen:  # tied weights (GPT-2 lm_head ↔ wte) are hashed once
+            continue
+        seen.add(t.data_ptr())
+        h.update(name.encode())
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def prepare_tokenizer(tok: object) -> object:
+    """Editing index arithmetic assumes right padding and a pad token (methods.md §2.2)."""
+    tok.padding_side = "right"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _check_model_type(path_or_name: str, revision: str | None) -> str:
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(path_or_name, revision=revision)
+    except Exception as exc:  # transformers raises OSError/ValueError/HTTP errors depending on cause
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = ""
+        if not Path(path_or_name).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+            hint = " (HF_HUB_OFFLINE=1 and no local folder of that name: download it first or give a path)"
+        raise ModelLoadError(f"cannot load model {path_or_name!r}: {first}{hint}") from exc
+    if cfg.model_type not in FAMILIES:
+        raise UnsupportedArchitectureError(
+            f"model {path_or_name!r} has model type {cfg.model_type!r}, which has no rayedit adapter "
+            f"(supported: {', '.join(sorted(FAMILIES))}). To add one, register a FamilySpec in "
+            "rayedit/models/adapters.py."
+        )
+    return cfg.model_type
+
+
+def load_model(
+    path_or_name: str,
+    dtype: str | torch.dtype = "float32",
+    device: str | None = None,
+    revision: str | None = None,
+    device_map: str | dict | None = None,
+) -> LoadedModel:
+    """Load a causal LM + tokenizer by hub name or folder. The architecture is checked before weights load."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    _check_model_type(path_or_name, revision)
+    try:
+        tok = AutoTokenizer.from_pretrained(path_or_name, revision=revision)
+        kwargs: dict = {"revision": revision, "dtype": torch_dtype}
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        model = AutoModelForCausalLM.from_pretrained(path_or_name, **kwargs)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load model {path_or_name!r}: {str(exc).strip().splitlines()[0]}") from exc
+    if device is not None and device_map is None:
+        model.to(device)
+    model.eval()
+    return LoadedModel(model, prepare_tokenizer(tok), ModelAdapter(model), name=path_or_name, revision=revision)
+
+
+def wrap_model(model: nn.Module, tokenizer: object, name: str = "in-memory") -> LoadedModel:
+    """Wrap an already constructed model (tests, notebooks)."""
+    model.eval()
+    return LoadedModel(model, prepare_tokenizer(tokenizer), ModelAdapter(model), name=name)
