@@ -1,1 +1,161 @@
-"""Commands of this area register on rayedit.cli.app.app."""
+"""`rayedit edit` (one edit, before/after probabilities) and `rayedit models tiny`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from rayedit.cli.app import app
+
+models_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+def fail(message: str, code: int = 2) -> None:
+    """One clear line on stderr, then exit (no traceback for bad input)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _parse_set(values: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in values:
+        if "=" not in item:
+            fail(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def target_probability(lm, prompt_text: str, target: str) -> float:
+    """P(target | prompt), teacher forced over all target tokens."""
+    import torch
+
+    from rayedit.editing.tokens import encode, target_ids
+
+    ids = encode(lm.tokenizer, prompt_text)
+    t = target_ids(lm.tokenizer, prompt_text, target)
+    x = torch.tensor([ids + t[:-1]], device=lm.adapter.device)
+    with torch.no_grad():
+        lp = torch.log_softmax(lm.model(input_ids=x, use_cache=False).logits[0].float(), -1)
+    return math.exp(sum(float(lp[len(ids) - 1 + j, tok]) for j, tok in enumerate(t)))
+
+
+@app.command("edit")
+def edit_command(
+    model: str = typer.Option(..., "--model", help="HF hub name or local folder"),
+    method: str = typer.Option("memit", "--method", help="rome | memit | alphaedit | ft"),
+    prompt: str = typer.Option(..., "--prompt", help='template with "{}" for the subject'),
+    subject: str = typer.Option(..., "--subject"),
+    target_new: str = typer.Option(..., "--target-new"),
+    target_true: str | None = typer.Option(None, "--target-true"),
+    stats_corpus: str | None = typer.Option(None, "--stats-corpus",
+                                            help="builtin:general | file (.txt/.jsonl/.parquet) | hf:NAME[:CFG][@REV]"),
+    hparams_file: Path | None = typer.Option(None, "--hparams", help="YAML file of hyperparameter overrides"),
+    set_: list[str] = typer.Option([], "--set", help="override one hyperparameter: KEY=VALUE (JSON value)"),
+    layers: str | None = typer.Option(None, "--layers", help="comma-separated layer indices"),
+    dtype: str = typer.Option("float32", "--dtype"),
+    device: str | None = typer.Option(None, "--device"),
+    save: Path | None = typer.Option(None, "--save", help="write the edited model (safetensors) here"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Edit one fact and print P(target_new) (and P(target_true)) before and after."""
+    from pydantic import ValidationError
+
+    from rayedit.data.requests import EditRequest
+    from rayedit.editing import METHODS, load_overrides
+
+    # validate everything cheap before any model work
+    if method not in METHODS:
+        fail(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    try:
+        req = EditRequest(case_id="cli-0", prompt=prompt, subject=subject, target_new=target_new,
+                          target_true=target_true)
+    except ValidationError as exc:
+        fail("invalid edit request: " + "; ".join(
+            f"{'.'.join(str(x) for x in e['loc']) or 'request'}: {e['msg']}" for e in exc.errors()))
+    if subject not in req.text:
+        fail(f"subject {subject!r} does not occur in the prompt")
+    overrides: dict[str, Any] = {}
+    try:
+        if hparams_file is not None:
+            overrides.update(load_overrides(hparams_file))
+        overrides.update(_parse_set(set_))
+        if layers:
+            overrides["layers"] = [int(x) for x in layers.split(",") if x.strip()]
+    except ValueError as exc:
+        fail(str(exc))
+    local_corpus = stats_corpus and not stats_corpus.startswith(("hf:", "builtin:")) and stats_corpus not in (
+        "auto", "wikitext")
+    if local_corpus and not Path(stats_corpus).is_file():
+        fail(f"stats corpus file not found: {stats_corpus}")
+
+    import torch
+
+    from rayedit.editing import Editor
+    from rayedit.models import ModelLoadError, UnsupportedArchitectureError, load_model
+
+    torch.manual_seed(0)
+    try:
+        lm = load_model(model, dtype=dtype, device=device)
+    except (ModelLoadError, UnsupportedArchitectureError, OSError) as exc:
+        fail(str(exc))
+    try:
+        editor = Editor(lm, method, overrides, stats_corpus=stats_corpus, progress=sys.stderr.isatty())
+    except ValueError as exc:
+        fail(str(exc))
+    before = {"p_new": target_probability(lm, req.text, req.target_new)}
+    if req.target_true:
+        before["p_true"] = target_probability(lm, req.text, req.target_true)
+    t0 = time.perf_counter()
+    try:
+        res = editor.apply([req])
+    except Exception as exc:  # an edit failure is reported in one line; the weights were rolled back
+        fail(f"edit failed: {exc}", code=1)
+    seconds = time.perf_counter() - t0
+    after = {"p_new": target_probability(lm, req.text, req.target_new)}
+    if req.target_true:
+        after["p_true"] = target_probability(lm, req.text, req.target_true)
+    if save is not None:
+        save.mkdir(parents=True, exist_ok=True)
+        lm.model.save_pretrained(save)  # safetensors; handles tied weights
+        lm.tokenizer.save_pretrained(save)
+    out = {"method": method, "model": model, "layers": res.layers, "before": before, "after": after,
+           "seconds": round(seconds, 3), "hparams_provenance": editor.hp.provenance,
+           "update_norms": {str(r["layer"]): r["update_norm"] for r in res.layer_rows if "layer" in r}}
+    if as_json:
+        typer.echo(json.dumps(out))
+        return
+    typer.echo(f"{method} on {model}, layers {res.layers} ({editor.hp.provenance}), {seconds:.2f} s")
+    typer.echo(f"  P(new ={req.target_new!r}): {before['p_new']:.6f} -> {after['p_new']:.6f}")
+    if req.target_true:
+        typer.echo(f"  P(true={req.target_true!r}): {before['p_true']:.6f} -> {after['p_true']:.6f}")
+    if save is not None:
+        typer.echo(f"  edited model written to {save}")
+
+
+@models_app.command("tiny")
+def tiny_command(
+    family: str = typer.Argument(..., help="gpt2 | gptj | llama | mistral | qwen2 | qwen3"),
+    out: Path = typer.Option(..., "--out"),
+    seed: int = typer.Option(0, "--seed"),
+    n_layers: int = typer.Option(4, "--layers"),
+) -> None:
+    """Write a tiny random model of FAMILY (with tokenizer) that loads like any hub model."""
+    from rayedit.models import TINY_FAMILIES, save_tiny_model
+
+    if family not in TINY_FAMILIES:
+        fail(f"unknown tiny family {family!r}; choose one of {', '.join(TINY_FAMILIES)}")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    path = save_tiny_model(family, out, seed=seed, n_layers=n_layers)
+    typer.echo(f"tiny {family} model ({n_layers} layers) written to {path}")

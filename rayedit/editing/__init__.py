@@ -1,1 +1,15 @@
-"""rayedit.editing"""
+"""Pure-torch editing core: requests → keys → targets → solver → weight delta (no Ray, no boto3)."""
+
+from rayedit.data.requests import EditRequest
+from rayedit.editing.covariance import BlobCache, CovarianceStats, LocalBlobCache, StatsError, StatsSettings
+from rayedit.editing.editor import BatchResult, Editor, EditorState, EditRejected, apply_weights, edit
+from rayedit.editing.hparams import HPARAMS, load_overrides, resolve_hparams
+from rayedit.editing.solvers import SOLVERS
+
+METHODS = tuple(sorted(SOLVERS))
+
+__all__ = [
+    "EditRequest", "BlobCache", "CovarianceStats", "LocalBlobCache", "StatsError", "StatsSettings", "BatchResult",
+    "EditorState", "EditRejected", "Editor", "apply_weights", "edit", "HPARAMS", "load_overrides",
+    "resolve_hparams", "SOLVERS", "METHODS",
+]

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create .venv and install rayedit with a CPU build of torch (pinned first, so pip never resolves a
+# multi-GB CUDA wheel). Idempotent: a second run only re-checks the install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.rayedit-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0" -e ".[dev]" 2>&1 \
+    | grep -v "^WARNING: Location" || true
+  .venv/bin/python -c "import torch, rayedit; assert not torch.version.cuda, 'a CUDA torch was installed'" 
+  touch "$stamp"
+fi
