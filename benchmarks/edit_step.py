@@ -1,0 +1,114 @@
+"""Edit-step time over its compute floor, measured side by side in one run.
+
+For a batch of 8 requests on a tiny 12-layer model, per method:
+  measured = wall time of ``Editor.apply`` (templates and statistics prepared beforehand, as in a stream)
+  floor    = target-optimisation steps actually run × one forward+backward of the same batch
+             + the time of the method's solves on the same matrices
+Target (issue 2): measured / floor ≤ 1.5.
+
+Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/edit_step.py [--family llama] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+from rayedit.data.requests import EditRequest  # noqa: E402
+from rayedit.editing import Editor  # noqa: E402
+from rayedit.editing.hooks import add_at_positions, hooks  # noqa: E402
+from rayedit.editing.keys import compute_keys_and_outputs  # noqa: E402
+from rayedit.editing.solvers import alphaedit_delta, memit_delta  # noqa: E402
+from rayedit.editing.targets import _build_sequences  # noqa: E402
+from rayedit.editing.tokens import pad_id, pad_right  # noqa: E402
+from rayedit.models import build_tiny_model  # noqa: E402
+
+SUBJECTS = ["Alice Smith", "Bob Jones", "Carol White", "Dan Brown", "Eve Black", "Frank Green", "Gina Gray",
+            "Hank Hill", "Ivy Stone", "Jack Reed", "Kate Moss", "Liam Hart"]
+WORDS = ["film", "war", "movie", "city", "time", "years", "people", "work", "world", "first"]
+
+
+def batch(offset: int) -> list[EditRequest]:
+    return [EditRequest(case_id=f"{offset}-{i}", prompt="The best thing about {}", subject=SUBJECTS[(offset + i) % 12],
+                        target_new=WORDS[(offset + i) % 10], target_true=WORDS[(offset + i + 3) % 10])
+            for i in range(8)]
+
+
+def fwd_bwd_time(lm, reqs, contexts, layer: int, repeats: int = 5) -> float:
+    """One forward+backward of the target-optimisation batch, with the same δ hook."""
+    seqs, req_of_seq, fact_pos, *_ = _build_sequences(lm, reqs, contexts, "subject_last")
+    b = pad_right(seqs, pad_id(lm.tokenizer))
+    rows, pos, req = torch.arange(len(seqs)), torch.tensor(fact_pos), torch.tensor(req_of_seq)
+    delta = torch.zeros(len(reqs), lm.adapter.d_model, requires_grad=True)
+    for p in lm.model.parameters():
+        p.requires_grad_(False)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        with hooks([add_at_positions(lm.adapter.block(layer), rows, pos, lambda: delta[req])]):
+            logits = lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
+        torch.log_softmax(logits.float(), -1).mean().backward()
+        times.append(time.perf_counter() - t0)
+        delta.grad = None
+    for p in lm.model.parameters():
+        p.requires_grad_(True)
+    return statistics.median(times[1:])
+
+
+def solve_time(ed: Editor, reqs, method: str) -> float:
+    groups = ed.state.templates["memit"]
+    z_layer = ed.hp.layers[-1]
+    total = 0.0
+    for i, layer in enumerate(ed.hp.layers):
+        keys, h = compute_keys_and_outputs(ed.lm, reqs, groups, layer, z_layer)
+        resid = torch.randn_like(h) / (len(ed.hp.layers) - i)
+        cov = ed.covariance(layer)
+        t0 = time.perf_counter()
+        if method == "memit":
+            memit_delta(keys, resid, cov, ed.hp.mom2_update_weight)
+        else:
+            alpha = ed.hp.L2_relative * float(cov.double().trace()) if ed.hp.L2_relative else ed.hp.L2
+            alphaedit_delta(keys, resid, ed.state.tensors[f"projection.{layer}"],
+                            ed.state.tensors.get(f"cache_c.{layer}"), alpha)
+        total += time.perf_counter() - t0
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--family", default="llama")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    print(f"tiny {args.family}, 12 layers, batch of 8 requests, torch threads={torch.get_num_threads()}")
+    for method in ("memit", "alphaedit"):
+        ratios = []
+        for rep in range(args.repeats):
+            lm = build_tiny_model(args.family, n_layers=12)
+            ed = Editor(lm, method, {"mom2_n_samples": 2000}, stats_corpus="builtin:general")
+            ed.prepare()
+            reqs = batch(rep * 8)
+            t0 = time.perf_counter()
+            res = ed.apply(reqs)
+            measured = time.perf_counter() - t0
+            lm2 = build_tiny_model(args.family, n_layers=12)
+            contexts = [c for g in ed.state.templates["memit"] for c in g]
+            step = fwd_bwd_time(lm2, reqs, contexts, ed.hp.layers[-1])
+            solve = solve_time(ed, reqs, method)
+            floor = res.target_steps * step + solve
+            ratios.append(measured / floor)
+            print(f"  {method:9s} run {rep}: measured {measured:.3f} s; floor {floor:.3f} s = {res.target_steps} steps"
+                  f" x {step * 1e3:.1f} ms + solve {solve * 1e3:.1f} ms; ratio {measured / floor:.2f}")
+        print(f"{method}: measured/floor = {statistics.median(ratios):.2f} (median of {len(ratios)}; target <= 1.5)")
+
+
+if __name__ == "__main__":
+    main()
