@@ -102,18 +102,20 @@ def edit_command(
 
     import torch
 
-    from rayedit.editing import Editor
-    from rayedit.models import ModelLoadError, UnsupportedArchitectureError, load_model
+    from rayedit.editing import Editor, resolve_hparams
+    from rayedit.models import ModelLoadError, UnsupportedArchitectureError, load_model, model_dims
 
+    try:  # config only: a bad name, architecture, layer or hyperparameter fails before weights load
+        _type, n_layers, d_ff = model_dims(model)
+        hp = resolve_hparams(method, model, n_layers, overrides, d_ff=d_ff)
+    except (ModelLoadError, UnsupportedArchitectureError, OSError, ValueError) as exc:
+        fail(str(exc))
     torch.manual_seed(0)
     try:
         lm = load_model(model, dtype=dtype, device=device)
     except (ModelLoadError, UnsupportedArchitectureError, OSError) as exc:
         fail(str(exc))
-    try:
-        editor = Editor(lm, method, overrides, stats_corpus=stats_corpus, progress=sys.stderr.isatty())
-    except ValueError as exc:
-        fail(str(exc))
+    editor = Editor(lm, method, hp, stats_corpus=stats_corpus, progress=sys.stderr.isatty())
     before = {"p_new": target_probability(lm, req.text, req.target_new)}
     if req.target_true:
         before["p_true"] = target_probability(lm, req.text, req.target_true)

@@ -1,11 +1,18 @@
 """Model loading and per-architecture adapters (plain torch/transformers; no Ray, no boto3)."""
 
 from rayedit.models.adapters import FAMILIES, ModelAdapter, UnsupportedArchitectureError, block_hidden
-from rayedit.models.loading import LoadedModel, ModelLoadError, load_model, weights_fingerprint, wrap_model
+from rayedit.models.loading import (
+    LoadedModel,
+    ModelLoadError,
+    load_model,
+    model_dims,
+    weights_fingerprint,
+    wrap_model,
+)
 from rayedit.models.tiny import TINY_FAMILIES, build_tiny_model, save_tiny_model, tiny_tokenizer
 
 __all__ = [
     "FAMILIES", "ModelAdapter", "UnsupportedArchitectureError", "block_hidden", "LoadedModel", "ModelLoadError",
-    "load_model", "weights_fingerprint", "wrap_model", "TINY_FAMILIES", "build_tiny_model", "save_tiny_model",
-    "tiny_tokenizer",
+    "load_model", "model_dims", "weights_fingerprint", "wrap_model", "TINY_FAMILIES", "build_tiny_model",
+    "save_tiny_model", "tiny_tokenizer",
 ]

@@ -66,6 +66,19 @@ def prepare_tokenizer(tok: object) -> object:
     return tok
 
 
+def model_dims(path_or_name: str, revision: str | None = None) -> tuple[str, int, int | None]:
+    """(model type, layer count, d_ff) from the config alone: validates a model name before any weights load."""
+    from transformers import AutoConfig
+
+    _check_model_type(path_or_name, revision)
+    cfg = AutoConfig.from_pretrained(path_or_name, revision=revision)
+    n_layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    d_model = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+    d_ff = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None)
+    d_ff = d_ff or (4 * d_model if d_model else None)  # GPT-2/GPT-J default n_inner
+    return cfg.model_type, int(n_layers), d_ff
+
+
 def _check_model_type(path_or_name: str, revision: str | None) -> str:
     from transformers import AutoConfig
 
