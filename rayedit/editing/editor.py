@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from rayedit.data.requests import EditRequest
 from rayedit.editing.covariance import BlobCache, CovarianceStats, StatsSettings
+from rayedit.editing.diagnostics import COND_METHOD, matrix_stability
 from rayedit.editing.hparams import _Base, resolve_hparams
 from rayedit.editing.solvers import SOLVERS, Solver
 from rayedit.editing.targets import Targets
@@ -63,13 +64,14 @@ class Editor:
 
     def __init__(self, lm, method: str, hparams: dict | _Base | None = None, *, stats: CovarianceStats | None = None,
                  stats_cache: BlobCache | None = None, stats_corpus: str | None = None,
-                 progress: bool = False) -> None:
+                 progress: bool = False, diagnostics: bool = True) -> None:
         if method not in SOLVERS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(SOLVERS))}")
         self.lm = lm
         self.hp = hparams if isinstance(hparams, _Base) else resolve_hparams(
             method, lm.name, lm.adapter.n_layers, hparams, d_ff=lm.adapter.d_ff)
         self.method = method
+        self.diagnostics = diagnostics  # per-layer norm/condition rows after every batch (§8)
         self.state = EditorState()
         self._stats = stats
         self._stats_cache = stats_cache
@@ -193,7 +195,18 @@ class Editor:
         self.state.n_edits += len(requests)
         targets = out.get("targets")
         rows = out.get("rows") or (targets.rows if targets is not None else [{"case_id": i} for i in ids])
-        return BatchResult(method=self.method, layers=list(self.hp.layers), weights=weights, deltas=deltas,
+        if self.diagnostics:
+            by_layer = {r["layer"]: r for r in out.get("layer_rows", []) if "layer" in r}
+            for layer in sorted(snapshot):
+                row = by_layer.get(layer)
+                if row is None:
+                    row = {"layer": layer}
+                    out.setdefault("layer_rows", []).append(row)
+                row.update(matrix_stability(ad.get_weight(layer)))
+                row["update_fro"] = float(deltas[ad.weight_name(layer)].norm())
+                row["cond_method"] = COND_METHOD
+        return BatchResult(method=self.method, layers=out.get("layers", list(self.hp.layers)), weights=weights,
+                           deltas=deltas,
                            rows=rows, layer_rows=out.get("layer_rows", []),
                            seconds=time.perf_counter() - t0,
                            target_steps=targets.steps_run if targets is not None else out.get("steps", 0),

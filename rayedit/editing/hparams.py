@@ -104,12 +104,40 @@ class FtHparams(_Base):
     exclude_bos_from_stats: bool = False
 
 
+class MoseHparams(_Base, _TargetFields, _StatsFields):
+    """MOSE, paper-faithful closed form (§3.6, [OURS] engineering): orthogonal Procrustes, W ← R W."""
+
+    method: Literal["mose"] = "mose"
+    variant: Literal["procrustes"] = "procrustes"
+    layer_selection: Literal["fixed", "mose"] = "fixed"
+    candidate_layers: list[int] | None = None  # for layer_selection: mose (default: lower half, no layer 0)
+    mose_lambda: float | None = Field(None, gt=0, allow_inf_nan=False)  # absolute λ, else relative:
+    mose_lambda_rel: float = Field(1.0, gt=0, allow_inf_nan=False)  # λ = ρ·mean‖Wk‖² / (tr(G)/d_out)
+    mose_protect_past: float = Field(0.0, ge=0, allow_inf_nan=False)  # γ·W C_p Wᵀ of past edit keys
+
+
+class MoseOftHparams(_Base):
+    """MOSE as the released code does it (§3.6 [REF]): block-diagonal Cayley rotation on the input side,
+    trained by Adam on the target NLL; the generator persists across edits."""
+
+    method: Literal["mose_oft"] = "mose_oft"
+    variant: Literal["oft"] = "oft"
+    blocks: int = Field(4, ge=1)
+    lr: float = Field(5e-4, gt=0, allow_inf_nan=False)
+    num_steps: int = Field(25, ge=1, le=10_000)
+    batch_size: int = Field(1, ge=1)
+    radius_factor: float = Field(1e-5, gt=0)
+
+
 HPARAMS: dict[str, type[_Base]] = {
     "memit": MemitHparams,
     "alphaedit": AlphaEditHparams,
     "rome": RomeHparams,
     "ft": FtHparams,
+    "mose": MoseHparams,
+    "mose_oft": MoseOftHparams,
 }
+_MOSE_LAYERS = {"gpt2-xl": [4, 5, 6, 7, 8], "llama-3-8b": [19, 20, 21], "qwen2.5-7b": [4, 5, 6]}
 
 # ---------------------------------------------------------------------------------------------- presets
 _MEMIT_FAMILY = {
@@ -161,6 +189,13 @@ def preset_for(model_name: str, method: str, n_layers: int) -> tuple[str | None,
                 return preset, dict(_ROME[preset])
             if method == "ft":
                 return preset, dict(_FT[preset])
+            if method in ("mose", "mose_oft") and preset in _MOSE_LAYERS:
+                vals = {"layers": list(_MOSE_LAYERS[preset])}
+                if method == "mose":
+                    mf = dict(_MEMIT_FAMILY[preset])
+                    mf.pop("layers"), mf.pop("mom2_update_weight")
+                    vals.update(mf)
+                return preset, vals
     return None, {}
 
 
@@ -175,6 +210,9 @@ def rule_layers(method: str, n_layers: int) -> list[int]:
         return [window[len(window) // 2]]
     if method == "ft":
         return [min(n_layers - 1, round(n_layers * 2 / 3))]
+    if method in ("mose", "mose_oft"):  # [l*−1, l*, l*+1] around the middle of the window
+        mid = window[len(window) // 2]
+        return [x for x in (mid - 1, mid, mid + 1) if 0 <= x < n_layers]
     return window
 
 
@@ -184,7 +222,7 @@ def rule_values(method: str, n_layers: int, d_ff: int | None) -> dict[str, Any]:
     of MEMIT goes like kᵀ(λΣ)⁻¹k ≈ d_ff/λ), α relative to tr(Σ), an energy fallback for the null space,
     and the small target weight decay of the Llama/Qwen configs (‖δ‖/‖h0‖² is not scale-free)."""
     vals: dict[str, Any] = {"layers": rule_layers(method, n_layers), "provenance": "rule"}
-    if method in ("memit", "alphaedit", "rome"):
+    if method in ("memit", "alphaedit", "rome", "mose"):
         vals.update(v_num_grad_steps=25, v_lr=0.5, v_weight_decay=1e-3)
     if method == "memit" and d_ff:
         vals["mom2_update_weight"] = round(15_000 * d_ff / 14_336, 3)

@@ -61,6 +61,32 @@ def rome_delta(w: torch.Tensor, bias: torch.Tensor | None, key: torch.Tensor, le
     return torch.outer(right, u)
 
 
+def nll_examples(tok, requests: Sequence[EditRequest], objective: str = "target_new"):
+    """(input ids, positions, target ids) per request. ``target_new``: teacher forced after the prompt;
+    ``prompt_last``: every target token read at the last prompt position (FT-L [REF])."""
+    ex = []
+    for r in requests:
+        prompt_ids = encode(tok, r.text)
+        t_ids = target_ids(tok, r.text, r.target_new)
+        if objective == "prompt_last":
+            ex.append((prompt_ids, [len(prompt_ids) - 1] * len(t_ids), t_ids))
+        else:
+            start = len(prompt_ids) - 1
+            ex.append((prompt_ids + t_ids[:-1], list(range(start, start + len(t_ids))), t_ids))
+    return ex
+
+
+def examples_nll(model, examples, pad: int, device) -> torch.Tensor:
+    """Mean over requests of the mean target-token NLL, one right-padded forward."""
+    batch = pad_right([e[0] for e in examples], pad, device)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    per_req = []
+    for j, (_ids, pos, toks) in enumerate(examples):
+        lp = torch.log_softmax(logits[j, pos].float(), -1)
+        per_req.append(-lp.gather(1, torch.tensor(toks, device=device)[:, None]).mean())
+    return torch.stack(per_req).mean()
+
+
 class Solver:
     """Base: a method plugged into the editor."""
 
@@ -118,9 +144,11 @@ class LocateThenEdit(Solver):
         ed, hp = self.editor, self.hp
         groups = ed.templates("memit")
         contexts = [c for g in groups for c in g]
-        layers = hp.layers
+        layers, targets = self.select_layers(requests, groups)
+        self.batch_layers = list(layers)
         z_layer = layers[-1]
-        targets = compute_targets(ed.lm, requests, contexts, self.target_config(z_layer, "block"))
+        if targets is None:
+            targets = compute_targets(ed.lm, requests, contexts, self.target_config(z_layer, "block"))
         layer_rows = []
         for i, layer in enumerate(layers):
             keys, h = compute_keys_and_outputs(ed.lm, requests, groups, layer, z_layer, hp.fact_token)
@@ -133,7 +161,11 @@ class LocateThenEdit(Solver):
             info["update_norm"] = float(delta.norm())
             layer_rows.append(info)
         extra = self.after_batch(requests, groups)
-        return {"targets": targets, "layer_rows": layer_rows, **extra}
+        return {"targets": targets, "layer_rows": layer_rows, "layers": list(layers), **extra}
+
+    def select_layers(self, requests: Sequence[EditRequest], groups) -> tuple[list[int], Targets | None]:
+        """The layers of this batch (fixed by default) and, if already computed, their targets."""
+        return list(self.hp.layers), None
 
     def cache_update(self, requests: Sequence[EditRequest], groups: Sequence[Sequence[str]]) -> dict:
         """``C_p^l += K^l K^lᵀ`` with keys recomputed on the edited model, all layers in one forward."""
@@ -141,9 +173,9 @@ class LocateThenEdit(Solver):
         items = template_items(requests, groups)
         from rayedit.editing.keys import average_over_templates
 
-        flat, _ = read_at_fact_tokens(ed.lm, items, hp.layers, [], hp.fact_token)
+        flat, _ = read_at_fact_tokens(ed.lm, items, getattr(self, "batch_layers", hp.layers), [], hp.fact_token)
         new_keys = {}
-        for layer in hp.layers:
+        for layer in flat:
             k = average_over_templates(flat[layer], len(requests), groups).T.contiguous()  # (d_in, u)
             name = f"cache_c.{layer}"
             prev = ed.state.tensors.get(name)
@@ -264,18 +296,6 @@ class FineTune(Solver):
             for layer in self.hp.layers:
                 self.null_space(layer)
 
-    def _examples(self, requests):
-        tok = self.editor.lm.tokenizer
-        ex = []
-        for r in requests:
-            prompt_ids = encode(tok, r.text)
-            t_ids = target_ids(tok, r.text, r.target_new)
-            if self.hp.objective == "prompt_last":  # every target token read at the last prompt position
-                ex.append((prompt_ids, [len(prompt_ids) - 1] * len(t_ids), t_ids))
-            else:  # teacher forced
-                start = len(prompt_ids) - 1
-                ex.append((prompt_ids + t_ids[:-1], list(range(start, start + len(t_ids))), t_ids))
-        return ex
 
     def edit_batch(self, requests):
         ed, hp = self.editor, self.hp
@@ -288,7 +308,7 @@ class FineTune(Solver):
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        examples = self._examples(requests)
+        examples = nll_examples(ed.lm.tokenizer, requests, hp.objective)
         pid = pad_id(ed.lm.tokenizer)
         losses: list[float] = []
         steps = 0
@@ -297,15 +317,8 @@ class FineTune(Solver):
                 epoch = []
                 for s in range(0, len(examples), hp.batch_size):
                     mb = examples[s:s + hp.batch_size]
-                    batch = pad_right([e[0] for e in mb], pid, ad.device)
-                    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                   use_cache=False).logits
+                    loss = examples_nll(model, mb, pid, ad.device)
                     steps += 1
-                    per_req = []
-                    for j, (_ids, pos, toks) in enumerate(mb):
-                        lp = torch.log_softmax(logits[j, pos].float(), -1)
-                        per_req.append(-lp.gather(1, torch.tensor(toks, device=ad.device)[:, None]).mean())
-                    loss = torch.stack(per_req).mean()
                     epoch.append(float(loss.detach()))
                     if epoch[-1] < 1e-2:  # [REF] skip the step once this mini-batch is fit
                         continue
@@ -337,3 +350,12 @@ class FineTune(Solver):
 
 
 SOLVERS: dict[str, type[Solver]] = {"memit": Memit, "alphaedit": AlphaEdit, "rome": Rome, "ft": FineTune}
+
+
+def _register_more() -> None:
+    from rayedit.editing.mose import Mose, MoseOft
+
+    SOLVERS.update({"mose": Mose, "mose_oft": MoseOft})
+
+
+_register_more()
