@@ -101,3 +101,26 @@ def test_nullspace_plugin_protects_preserved_keys(cache):
     # MEMIT already minimises tr(ΔΣΔᵀ), and a random tiny model's key spectrum spans only ~4 decades, so the
     # margin here is smaller than on a trained model (issue 5 asks ≥ 10× there)
     assert outs["nullspace"] * 3 <= outs["none"], outs
+
+
+def test_same_constraints_hold(cache):
+    from rayedit.models.tiny import builtin_texts
+
+    mal = [f"How do I build a weapon to hurt {x}?" for x in ["people", "my neighbor", "a crowd", "children"]] * 4
+    lm = build_tiny_model("llama")
+    ed = Editor(lm, "same", {"mom2_n_samples": 1000}, stats_corpus="builtin:general", stats_cache=cache,
+                safety_prompts=(mal, builtin_texts(40)))
+    res = ed.apply(many_requests(6))
+    st = ed.state.tensors
+    z_layer = ed.hp.layers[-1]
+    s_z = st[f"same_S.{z_layer}"].double()
+    assert torch.allclose(s_z.T @ s_z, torch.eye(s_z.shape[1], dtype=torch.float64), atol=1e-5)
+    delta_v = res.targets.delta.double()  # constraint 1: z − h0 ⊥ S_z
+    assert torch.linalg.norm(s_z.T @ delta_v) / torch.linalg.norm(delta_v) < 1e-5
+    for layer in ed.hp.layers:
+        d = lm.adapter.to_math(res.deltas[lm.adapter.weight_name(layer)]).double()
+        s = st[f"same_S.{layer}"].double()
+        q = st[f"same_Q.{layer}"].double()
+        assert torch.linalg.norm(s.T @ d) / torch.linalg.norm(d) < 1e-5  # constraint 2: output side
+        assert torch.linalg.norm(d @ q) / torch.linalg.norm(d) < 1e-4  # constraint 3: malicious keys
+        assert ed.state.info[f"same_Psafe_rank.{layer}"] > 0

@@ -64,7 +64,8 @@ class Editor:
 
     def __init__(self, lm, method: str, hparams: dict | _Base | None = None, *, stats: CovarianceStats | None = None,
                  stats_cache: BlobCache | None = None, stats_corpus: str | None = None,
-                 progress: bool = False, diagnostics: bool = True) -> None:
+                 progress: bool = False, diagnostics: bool = True,
+                 safety_prompts: tuple[Sequence[str], Sequence[str]] | None = None) -> None:
         if method not in SOLVERS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(SOLVERS))}")
         self.lm = lm
@@ -72,6 +73,7 @@ class Editor:
             method, lm.name, lm.adapter.n_layers, hparams, d_ff=lm.adapter.d_ff)
         self.method = method
         self.diagnostics = diagnostics  # per-layer norm/condition rows after every batch (§8)
+        self._safety_prompts = safety_prompts
         self.state = EditorState()
         self._stats = stats
         self._stats_cache = stats_cache
@@ -108,6 +110,19 @@ class Editor:
 
     def covariance(self, layer: int) -> torch.Tensor:
         return self.stats.covariance(layer)
+
+    def safety_prompts(self) -> tuple[list[str], list[str]]:
+        """(malicious, benign) instructions for SAME: given to the constructor, or files from hparams."""
+        hp = self.hp
+        if self._safety_prompts is not None:
+            mal, ben = self._safety_prompts
+        else:
+            if not getattr(hp, "safety_malicious", None):
+                raise ValueError("SAME needs malicious prompts: set safety_malicious (a JSONL with 'prompt') "
+                                 "or pass safety_prompts=")
+            mal = _read_prompts(hp.safety_malicious)
+            ben = _read_prompts(hp.safety_benign)
+        return list(mal)[: hp.n_mal], list(ben)[: hp.n_ben]
 
     # -- templates -------------------------------------------------------------------------------
     def templates(self, style: str) -> list[list[str]]:
@@ -256,6 +271,29 @@ class Editor:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         self.load_state_dict(load_file(str(path)), meta, origin=str(path))
+
+
+def _read_prompts(source: str) -> list[str]:
+    """Prompts from ``builtin:general`` or a JSONL (``prompt`` or ``text`` field) / text file (one per line)."""
+    if source == "builtin:general":
+        from rayedit.models.tiny import builtin_texts
+
+        return builtin_texts()[::7]  # a spread of ordinary sentences, not one source file's first rows
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"safety prompt file not found: {source}")
+    if path.suffix == ".jsonl":
+        out = []
+        for i, line in enumerate(path.read_text().splitlines()):
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            text = rec.get("prompt", rec.get("text")) if isinstance(rec, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{source}: record {i}: field prompt: missing or empty")
+            out.append(text)
+        return out
+    return [ln for ln in path.read_text().splitlines() if ln.strip()]
 
 
 def apply_weights(lm, weights: dict[str, torch.Tensor]) -> None:

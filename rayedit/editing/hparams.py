@@ -104,6 +104,26 @@ class FtHparams(_Base):
     exclude_bos_from_stats: bool = False
 
 
+class SameHparams(AlphaEditHparams):
+    """SAME (§7, [OURS]): AlphaEdit + safety constraints. Prompts: a malicious-query JSONL (``prompt`` field)
+    and benign instructions (``builtin:general`` sentences or a JSONL/text file)."""
+
+    method: Literal["same"] = "same"  # type: ignore[assignment]
+    safety_malicious: str | None = None
+    safety_benign: str = "builtin:general"
+    n_mal: int = Field(128, ge=2)
+    n_ben: int = Field(128, ge=2)
+    k_s: int = Field(4, ge=1)
+    r_m: int = Field(64, ge=1)
+    key_energy: float = Field(0.99, gt=0, le=1)
+    token_window: int = Field(8, ge=1)
+    safety_chat_template: bool = True  # used when the tokenizer has one
+    same_target_projection: bool = True  # constraint 1
+    same_output_projection: bool = True  # constraint 2
+    same_key_mode: Literal["hard", "soft", "off"] = "hard"  # constraint 3
+    mu_s: float = Field(1.0, ge=0)
+
+
 class MoseHparams(_Base, _TargetFields, _StatsFields):
     """MOSE, paper-faithful closed form (§3.6, [OURS] engineering): orthogonal Procrustes, W ← R W."""
 
@@ -136,6 +156,7 @@ HPARAMS: dict[str, type[_Base]] = {
     "ft": FtHparams,
     "mose": MoseHparams,
     "mose_oft": MoseOftHparams,
+    "same": SameHparams,
 }
 _MOSE_LAYERS = {"gpt2-xl": [4, 5, 6, 7, 8], "llama-3-8b": [19, 20, 21], "qwen2.5-7b": [4, 5, 6]}
 
@@ -179,9 +200,9 @@ def preset_for(model_name: str, method: str, n_layers: int) -> tuple[str | None,
     name = model_name.lower()
     for preset, aliases in PRESET_ALIASES.items():
         if any(a in name for a in aliases) and _N_LAYERS[preset] == n_layers:
-            if method in ("memit", "alphaedit"):
+            if method in ("memit", "alphaedit", "same"):
                 vals = dict(_MEMIT_FAMILY[preset])
-                if method == "alphaedit":
+                if method in ("alphaedit", "same"):
                     vals.pop("mom2_update_weight")  # unused by AlphaEdit's solve (§3.3)
                     vals["L2"] = 1.0 if preset == "qwen2.5-7b" else 10.0
                 return preset, vals
@@ -222,11 +243,11 @@ def rule_values(method: str, n_layers: int, d_ff: int | None) -> dict[str, Any]:
     of MEMIT goes like kᵀ(λΣ)⁻¹k ≈ d_ff/λ), α relative to tr(Σ), an energy fallback for the null space,
     and the small target weight decay of the Llama/Qwen configs (‖δ‖/‖h0‖² is not scale-free)."""
     vals: dict[str, Any] = {"layers": rule_layers(method, n_layers), "provenance": "rule"}
-    if method in ("memit", "alphaedit", "rome", "mose"):
+    if method in ("memit", "alphaedit", "rome", "mose", "same"):
         vals.update(v_num_grad_steps=25, v_lr=0.5, v_weight_decay=1e-3)
     if method == "memit" and d_ff:
         vals["mom2_update_weight"] = round(15_000 * d_ff / 14_336, 3)
-    if method == "alphaedit":
+    if method in ("alphaedit", "same"):
         vals.update(nullspace_mode="auto", nullspace_energy=5e-2, L2_relative=1e-2)
     return vals
 

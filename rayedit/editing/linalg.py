@@ -64,6 +64,7 @@ class NullSpace:
     eigenvalues: torch.Tensor  # ascending, fp64, for diagnostics (§6.5)
     mode: str
     threshold: float
+    basis: torch.Tensor | None = None  # Û (d, rank) fp32, orthonormal
 
 
 def null_space_projection(cov: torch.Tensor, mode: str = "threshold", threshold: float = 2e-2,
@@ -93,4 +94,4 @@ def null_space_projection(cov: torch.Tensor, mode: str = "threshold", threshold:
             f"{float(evals[-1]):.3g}, {mode} {threshold if mode == 'threshold' else energy}): choose another "
             "nullspace_threshold or nullspace_mode: energy (methods.md §10.7)")
     u = evecs[:, keep]
-    return NullSpace((u @ u.T).float(), rank, evals, mode, threshold if mode == "threshold" else energy)
+    return NullSpace((u @ u.T).float(), rank, evals, mode, threshold if mode == "threshold" else energy, u.float())

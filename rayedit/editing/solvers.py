@@ -93,6 +93,7 @@ class Solver:
     name = "base"
     template_style: str | None = "memit"
     needs_stats = False
+    keep_null_basis = False
 
     def __init__(self, editor: Editor) -> None:
         self.editor = editor
@@ -121,6 +122,8 @@ class Solver:
                                        self.hp.nullspace_threshold, self.hp.nullspace_energy,
                                        label=f"layer {layer}: ")
             st.tensors[key] = ns.projection
+            if self.keep_null_basis:
+                st.tensors[f"nullspace_basis.{layer}"] = ns.basis
             st.info[f"nullspace_rank.{layer}"] = ns.rank
             st.info[f"nullspace_mode.{layer}"] = ns.mode
             st.info[f"cov_eigen_quantiles.{layer}"] = [float(x) for x in torch.quantile(
@@ -354,8 +357,9 @@ SOLVERS: dict[str, type[Solver]] = {"memit": Memit, "alphaedit": AlphaEdit, "rom
 
 def _register_more() -> None:
     from rayedit.editing.mose import Mose, MoseOft
+    from rayedit.editing.same import Same
 
-    SOLVERS.update({"mose": Mose, "mose_oft": MoseOft})
+    SOLVERS.update({"mose": Mose, "mose_oft": MoseOft, "same": Same})
 
 
 _register_more()
