@@ -266,3 +266,20 @@ def test_cli_edit_json_on_a_saved_tiny_model(tmp_path):
                           "no slot", "--subject", "A", "--target-new", "x"], env=env, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "exactly one" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_sharded_statistics_equal_the_single_pass(tmp_path):
+    lm = build_tiny_model("gpt2")
+    settings = StatsSettings(n_samples=200)
+    single = CovarianceStats(lm, "builtin:general", settings, cache=LocalBlobCache(tmp_path / "a"))
+    sharded = CovarianceStats(lm, "builtin:general", settings, cache=LocalBlobCache(tmp_path / "b"))
+    n = sharded.document_count()
+    assert sharded.missing_layers([1, 2]) == [1, 2]
+    shards = [sharded.compute_shard([1, 2], a, min(n, a + 70)) for a in range(0, n, 70)]
+    sharded.store_reduced([1, 2], shards)
+    assert sharded.missing_layers([1, 2]) == []
+    for layer in (1, 2):
+        a, b = single.second_moments([layer])[layer], sharded.second_moments([layer])[layer]
+        assert a.count == b.count
+        # fp32 products per batch: the batch composition changes only rounding
+        assert torch.linalg.norm(a.sum - b.sum) / torch.linalg.norm(a.sum) < 1e-5

@@ -357,6 +357,34 @@ class CovarianceStats:
     def covariance(self, layer: int) -> torch.Tensor:
         return self.second_moments([layer])[layer].covariance
 
+    # -- sharded computation (the runtime's statistics stage fans these out over replicas) ------------
+    def missing_layers(self, layers: Sequence[int]) -> list[int]:
+        return [layer for layer in layers if layer not in self._memo and self.cache.get(
+            cache_key(provenance(self.lm, layer, self.corpus, self.settings, self.fingerprint))) is None]
+
+    def document_count(self) -> int:
+        return len(select_documents(self.corpus.load(), self.settings.n_samples, self.settings.seed))
+
+    def compute_shard(self, layers: Sequence[int], start: int, stop: int) -> tuple[dict[int, torch.Tensor], int, int]:
+        """``(S_l in fp64, token count, documents)`` over documents ``[start, stop)`` of the fixed subset."""
+        docs = select_documents(self.corpus.load(), self.settings.n_samples, self.settings.seed)[start:stop]
+        if self.fingerprint != self.lm.fingerprint:
+            raise StatsError("statistics shards must be computed on the unedited base model")
+        return accumulate_second_moments(self.lm, layers, docs, self.settings, self.progress, self._count)
+
+    def store_reduced(self, layers: Sequence[int], shards: Sequence[tuple[dict[int, torch.Tensor], int, int]]) -> None:
+        """Sum shards (in the given order, so the result is reproducible) and cache the statistics."""
+        for layer in layers:
+            total = torch.zeros_like(shards[0][0][layer])
+            for sums, _count, _docs in shards:
+                total += sums[layer]
+            count = sum(c for _s, c, _d in shards)
+            prov = {**provenance(self.lm, layer, self.corpus, self.settings, self.fingerprint),
+                    "documents": sum(d for _s, _c, d in shards), "shards": len(shards)}
+            sm = SecondMoment(total, count, prov)
+            self.cache.put(cache_key(prov), sm.to_bytes())
+            self._memo[layer] = sm
+
 
 def check_matches(sm: SecondMoment, expected: dict, origin: str) -> None:
     """Loud error when cached statistics do not belong to this model/layer/corpus/settings."""
