@@ -1,0 +1,72 @@
+"""What is in a store: frozen specs, campaigns, per-stream progress and summaries (no Ray needed)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from rayedit.runtime.spec import CampaignSpec, SpecError, spec_diff, spec_from_yaml
+from rayedit.store import Store, committed_steps
+from rayedit.store.layout import list_campaigns, list_streams, spec_key, step_dataset
+
+
+class SpecMismatch(RuntimeError):
+    """A run/resume whose spec differs from the one frozen in the store."""
+
+
+def freeze_spec(store: Store, spec: CampaignSpec) -> bool:
+    """Write the spec at the first run; refuse (with a unified diff) a different spec later.
+
+    Returns True if this call froze it. ``put_if_absent`` makes two concurrent first runs agree.
+    """
+    text = spec.frozen_yaml()
+    key = spec_key(spec.campaign_id)
+    if store.put_if_absent(key, text.encode()):
+        return True
+    frozen = store.get_bytes(key).decode()
+    if frozen != text:
+        raise SpecMismatch(f"campaign {spec.campaign_id!r} was started with a different spec; refusing to "
+                           f"mix results. Use a new campaign name, or resume with the frozen spec.\n"
+                           f"{spec_diff(frozen, text)}")
+    return False
+
+
+def read_frozen_spec(store: Store, cid: str) -> CampaignSpec:
+    key = spec_key(cid)
+    if not store.exists(key):
+        raise SpecError([f"<root>: no campaign {cid!r} in {store.uri}"])
+    return spec_from_yaml(store.get_bytes(key).decode(), f"{store.uri}/{key}")
+
+
+def campaigns(store: Store) -> list[str]:
+    return list_campaigns(store)
+
+
+@dataclass
+class StreamSummary:
+    sid: str
+    steps_committed: int
+    last_step: int | None
+    edits: int
+    mean_target_nll: float | None
+    seconds: float
+
+
+def stream_summary(store: Store, cid: str, sid: str) -> StreamSummary:
+    steps = committed_steps(store, cid, sid)
+    if not steps:
+        return StreamSummary(sid, 0, None, 0, None, 0.0)
+    tbl = step_dataset(store, cid, sid, steps=steps).to_table()
+    nll = [x for x in tbl.column("target_nll").to_pylist() if x is not None] if "target_nll" in tbl.column_names \
+        else []
+    nll = [x for x in nll if not math.isnan(x)]
+    # 'seconds' is per batch, repeated on each row of the batch: count each batch once
+    secs = {}
+    for b, s in zip(tbl.column("batch").to_pylist(), tbl.column("seconds").to_pylist(), strict=True):
+        secs[b] = s
+    return StreamSummary(sid, len(steps), steps[-1], tbl.num_rows, sum(nll) / len(nll) if nll else None,
+                         float(sum(secs.values())))
+
+
+def campaign_summaries(store: Store, cid: str) -> list[StreamSummary]:
+    return [stream_summary(store, cid, sid) for sid in list_streams(store, cid)]

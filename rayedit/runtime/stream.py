@@ -1,0 +1,169 @@
+"""Running one stream on one loaded model: edit, commit, resume (no Ray here; the actor wraps it).
+
+A committed step holds ``delta.safetensors`` — the current values of every tensor the stream has
+touched plus the editor state under ``state.`` (so a resume needs only the last committed step) —
+and ``edits.parquet`` with one row per request. Each batch reseeds torch from (seed, batch), so an
+interrupted-and-resumed stream is bitwise equal to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from rayedit.data.requests import EditRequest
+from rayedit.editing import Editor, apply_weights
+from rayedit.store import Store, StoreBlobCache, commit_step, read_committed_step
+from rayedit.store.formats import encode_parquet, encode_tensors
+from rayedit.store.layout import DELTA, EDITS, last_committed_step
+
+log = logging.getLogger(__name__)
+
+STATE_PREFIX = "state."
+
+
+def load_lm(name: str, dtype: str = "float32"):
+    """``tiny:<family>`` builds a random tiny model offline; anything else goes to ``load_model``."""
+    from rayedit.models import build_tiny_model, load_model
+
+    if name.startswith("tiny:"):
+        return build_tiny_model(name.split(":", 1)[1])
+    return load_model(name, dtype=dtype)
+
+
+@dataclass
+class StreamJob:
+    """Everything a replica needs to run a stream (plain data: it crosses the Ray boundary)."""
+
+    cid: str
+    sid: str
+    model: str
+    method: str
+    method_label: str
+    hparams: dict[str, Any]
+    dataset: str
+    seed: int
+    mode: str
+    batch_size: int
+    checkpoint_every: int
+    stats_corpus: str
+    requests: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def n_batches(self) -> int:
+        return -(-len(self.requests) // self.batch_size)
+
+    @property
+    def n_steps(self) -> int:
+        return -(-self.n_batches // self.checkpoint_every)
+
+
+@dataclass
+class StepReport:
+    sid: str
+    step: int
+    n_steps: int
+    edits: int
+    committed: bool
+    seconds: float
+    mean_target_nll: float | None
+
+
+class StreamRunner:
+    """Owns one loaded model and its pristine copies of edited tensors; runs streams one at a time."""
+
+    def __init__(self, lm, store: Store) -> None:
+        self.lm = lm
+        self.store = store
+        self.cache = StoreBlobCache(store)  # statistics computed once per (model, layer, corpus), shared
+        self.base: dict[str, torch.Tensor] = {}  # pristine values of every tensor any stream touched
+        self.job: StreamJob | None = None
+        self.editor: Editor | None = None
+        self.next_step = 0
+        self._fresh_state: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None
+
+    # -- stream switching ----------------------------------------------------------------------------
+    def _restore_base(self) -> None:
+        if self.base:
+            apply_weights(self.lm, self.base)
+
+    def _remember_base(self, editor: Editor) -> None:
+        ad = self.lm.adapter
+        for layer in editor.hp.layers:
+            name = ad.weight_name(layer)
+            if name not in self.base:
+                self.base[name] = ad.weight_param(layer).detach().clone().cpu()
+
+    def open(self, job: StreamJob) -> int:
+        """Start (or resume) ``job``; returns the next step to run (== n_steps when already done)."""
+        self._restore_base()
+        self.job = job
+        self.editor = Editor(self.lm, job.method, job.hparams, stats_cache=self.cache, stats_corpus=job.stats_corpus)
+        self._remember_base(self.editor)
+        self._fresh_state = None
+        last = last_committed_step(self.store, job.cid, job.sid)
+        self.next_step = 0 if last is None else last + 1
+        if last is not None and self.next_step < job.n_steps:
+            tensors, meta = read_committed_step(self.store, job.cid, job.sid, last, [DELTA]).tensors(DELTA)
+            weights = {k: v for k, v in tensors.items() if not k.startswith(STATE_PREFIX)}
+            state = {k[len(STATE_PREFIX):]: v for k, v in tensors.items() if k.startswith(STATE_PREFIX)}
+            if job.mode != "single":  # 'single' edits always start from the base model
+                apply_weights(self.lm, weights)
+                self.editor.load_state_dict(state, meta, origin=f"{job.sid} step {last}")
+        return self.next_step
+
+    # -- one step --------------------------------------------------------------------------------------
+    def _batch(self, b: int) -> list[EditRequest]:
+        assert self.job is not None
+        chunk = self.job.requests[b * self.job.batch_size:(b + 1) * self.job.batch_size]
+        return [EditRequest.model_validate(r) for r in chunk]
+
+    def _reset_for_single(self) -> None:
+        """Mode 'single': every edit is applied to the unedited model with a fresh editor state."""
+        assert self.editor is not None
+        if self._fresh_state is None:
+            self.editor.prepare()
+            tensors, meta = self.editor.state_dict()
+            self._fresh_state = ({k: v.clone() for k, v in tensors.items()}, dict(meta))
+        self._restore_base()
+        self.editor.load_state_dict(*self._fresh_state)
+
+    def step(self) -> StepReport:
+        """Run the next step (``checkpoint_every`` batches) and commit it, marker last."""
+        job, editor = self.job, self.editor
+        assert job is not None and editor is not None, "open() a stream first"
+        step = self.next_step
+        if step >= job.n_steps:
+            raise RuntimeError(f"stream {job.sid} is complete ({job.n_steps} steps)")
+        t0 = time.perf_counter()
+        rows: list[dict[str, Any]] = []
+        first = step * job.checkpoint_every
+        for b in range(first, min(first + job.checkpoint_every, job.n_batches)):
+            if job.mode == "single":
+                self._reset_for_single()
+            # Reseed per batch: the target optimisation must not depend on how many batches this
+            # process has run before (resume = uninterrupted, bitwise).
+            torch.manual_seed(job.seed * 1_000_003 + b)
+            res = editor.apply(self._batch(b))
+            for r in res.rows:
+                rows.append({"campaign": job.cid, "stream": job.sid, "model": job.model, "method": job.method,
+                             "method_label": job.method_label, "dataset": job.dataset, "seed": job.seed,
+                             "step": step, "batch": b, "layers": list(res.layers), **r,
+                             "case_id": str(r.get("case_id")), "seconds": res.seconds})
+        tensors = editor.edited_weights()
+        state, meta = editor.state_dict()
+        tensors |= {STATE_PREFIX + k: v for k, v in state.items()}
+        files = {DELTA: encode_tensors(tensors, meta), EDITS: encode_parquet(pa.Table.from_pylist(rows))}
+        committed = commit_step(self.store, job.cid, job.sid, step, files,
+                                {"edits": len(rows), "mode": job.mode, "batches": sorted({r["batch"] for r in rows})})
+        if not committed:
+            log.warning("%s step %d was already committed by another writer; keeping theirs", job.sid, step)
+        self.next_step = step + 1
+        nll = [float(r["target_nll"]) for r in rows if r.get("target_nll") is not None]
+        return StepReport(job.sid, step, job.n_steps, len(rows), committed, time.perf_counter() - t0,
+                          sum(nll) / len(nll) if nll else None)
