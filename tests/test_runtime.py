@@ -171,7 +171,14 @@ def test_end_to_end_local(full_run: str) -> None:
     assert tbl.num_rows == 8
     assert sorted(set(tbl.column("method").to_pylist())) == ["alphaedit", "memit"]
     assert {"campaign", "stream", "model", "dataset", "seed", "step", "case_id", "layers", "target_nll",
-            "seconds"} <= set(tbl.column_names)
+            "seconds", "peak_memory_mb", "weight_fro_by_layer", "weight_cond_by_layer", "update_fro_by_layer",
+            "cond_method"} <= set(tbl.column_names)
+    # stability diagnostics read back: one finite value per edited layer
+    for layers, fro, cond in zip(tbl.column("layers").to_pylist(), tbl.column("weight_fro_by_layer").to_pylist(),
+                                 tbl.column("weight_cond_by_layer").to_pylist(), strict=True):
+        assert len(layers) == len(fro) == len(cond) and all(v > 0 for v in fro) and all(v >= 1 for v in cond)
+    ae = tbl.filter(ds.field("method") == "alphaedit")
+    assert all(r and all(v > 0 for v in r) for r in ae.column("nullspace_rank_by_layer").to_pylist())
     summ = campaign_summaries(store, cid)
     assert [s.edits for s in summ] == [4, 4] and all(s.mean_target_nll is not None for s in summ)
 

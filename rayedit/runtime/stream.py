@@ -150,11 +150,13 @@ class StreamRunner:
             # process has run before (resume = uninterrupted, bitwise).
             torch.manual_seed(job.seed * 1_000_003 + b)
             res = editor.apply(self._batch(b))
+            diag = layer_columns(res)
             for r in res.rows:
                 rows.append({"campaign": job.cid, "stream": job.sid, "model": job.model, "method": job.method,
                              "method_label": job.method_label, "dataset": job.dataset, "seed": job.seed,
                              "step": step, "batch": b, "layers": list(res.layers), **r,
-                             "case_id": str(r.get("case_id")), "seconds": res.seconds})
+                             "case_id": str(r.get("case_id")), "seconds": res.seconds, **diag,
+                             "peak_memory_mb": peak_memory_mb()})
         tensors = editor.edited_weights()
         state, meta = editor.state_dict()
         tensors |= {STATE_PREFIX + k: v for k, v in state.items()}
@@ -167,3 +169,33 @@ class StreamRunner:
         nll = [float(r["target_nll"]) for r in rows if r.get("target_nll") is not None]
         return StepReport(job.sid, step, job.n_steps, len(rows), committed, time.perf_counter() - t0,
                           sum(nll) / len(nll) if nll else None)
+
+
+DIAG_KEYS = ("weight_fro", "weight_cond", "weight_sigma_max", "weight_sigma_min", "update_fro", "resid_norm",
+             "key_norm_mean", "nullspace_rank")
+
+
+def layer_columns(res) -> dict[str, Any]:
+    """Per-layer stability diagnostics as list columns aligned with ``layers`` (one value per edited layer)."""
+    by_layer: dict[int, dict] = {}
+    for row in res.layer_rows:
+        if "layer" in row:
+            by_layer.setdefault(int(row["layer"]), {}).update(row)
+    out: dict[str, Any] = {}
+    for key in DIAG_KEYS:
+        vals = [by_layer.get(layer, {}).get(key) for layer in res.layers]
+        if any(v is not None for v in vals):
+            out[f"{key}_by_layer"] = [None if v is None else float(v) for v in vals]
+    methods = {row.get("cond_method") for row in res.layer_rows if row.get("cond_method")}
+    if methods:
+        out["cond_method"] = sorted(methods)[0]
+    return out
+
+
+def peak_memory_mb() -> float:
+    """Peak accelerator memory if CUDA is in use, else the process's peak RSS."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
