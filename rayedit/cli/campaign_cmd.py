@@ -20,13 +20,34 @@ def validate_command(spec: Path = typer.Argument(..., help="campaign spec (YAML)
     """Check a campaign spec: keys, values, hyperparameters, data files. Exit 2 on any problem."""
     from rayedit.runtime.spec import streams, validate_spec_file
 
-    parsed, problems = validate_spec_file(spec)
+    notes: list[str] = []
+    parsed, problems = validate_spec_file(spec, notes)
+    for n in notes:  # skipped checks are said out loud: "ok" must not hide what was not checked
+        typer.echo(f"note: {n}")
     if problems:
         for p in problems:
             typer.echo(p, err=True)
         raise typer.Exit(2)
     assert parsed is not None
-    typer.echo(f"{spec}: ok — campaign {parsed.campaign_id!r}, {len(streams(parsed))} streams")
+    ev = parsed.evaluation
+    evals = f", evaluation after steps {parsed.eval_steps()} ({', '.join(ev.suites)})" if ev else ""
+    typer.echo(f"{spec}: ok — campaign {parsed.campaign_id!r}, {len(streams(parsed))} streams{evals}")
+
+
+def _write_report(store_uri: str, cid: str) -> None:
+    """The campaign's report at the end of run/resume; a report failure never fails the campaign."""
+    import time
+
+    from rayedit.cli.report_cmd import print_report_summary
+    from rayedit.report import make_report
+
+    t0 = time.perf_counter()
+    try:
+        rep, where = make_report(store_uri, [cid])
+    except Exception as exc:  # the results are committed; only the report is missing
+        typer.echo(f"warning: report not written ({type(exc).__name__}: {exc}); run `rayedit report {cid}`", err=True)
+        return
+    print_report_summary(rep, where, time.perf_counter() - t0)
 
 
 @app.command("run")
@@ -35,14 +56,18 @@ def run_command(
     store: str | None = typer.Option(None, "--store", help="store URI (default: the spec's `store`)"),
     address: str | None = typer.Option(None, "--address", help="Ray address (default: start a local Ray)"),
     max_steps: int | None = typer.Option(None, "--max-steps", help="stop each stream after this many steps"),
+    report: bool = typer.Option(True, "--report/--no-report", help="write the HTML report at the end"),
 ) -> None:
     """Run (or continue) a campaign on Ray."""
     from rayedit.runtime.campaign import run_campaign
     from rayedit.runtime.catalog import SpecMismatch
-    from rayedit.runtime.spec import SpecError
+    from rayedit.runtime.spec import SpecError, load_spec
 
     try:
         run_campaign(spec, store, address, max_steps=max_steps)
+        if report:
+            parsed = load_spec(spec)
+            _write_report(store or parsed.store, parsed.campaign_id)
     except SpecError as exc:
         for p in exc.problems:
             typer.echo(p, err=True)
@@ -56,6 +81,7 @@ def resume_command(
     campaign: str = typer.Argument(..., help="campaign id"),
     store: str = typer.Option(..., "--store", help="store URI"),
     address: str | None = typer.Option(None, "--address"),
+    report: bool = typer.Option(True, "--report/--no-report", help="write the HTML report at the end"),
 ) -> None:
     """Continue a campaign from its last committed steps, with the spec frozen in the store."""
     from rayedit.runtime.campaign import resume_campaign
@@ -63,6 +89,8 @@ def resume_command(
 
     try:
         resume_campaign(campaign, store, address)
+        if report:
+            _write_report(store, campaign)
     except SpecError as exc:
         for p in exc.problems:
             typer.echo(p, err=True)

@@ -18,16 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from rayedit.runtime.catalog import StreamSummary, campaign_summaries, freeze_spec, read_frozen_spec
+from rayedit.runtime.evaluation import EvalShard, plan_shards, run_shard
 from rayedit.runtime.spec import (
     CampaignSpec,
     SpecError,
     deep_check,
     load_spec,
-    stream_requests,
+    request_of,
+    stream_records,
     streams,
 )
 from rayedit.runtime.stream import StepReport, StreamJob, StreamRunner, load_lm
-from rayedit.store import Store, open_store
+from rayedit.store import Store, eval_parts_done, open_store
 from rayedit.store.layout import last_committed_step
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,9 @@ class ModelReplica:
             return StepReport(job.sid, job.n_steps - 1, job.n_steps, 0, False, 0.0, None)
         return self.runner.step()
 
+    def evaluate(self, shard: EvalShard, records: list[dict[str, Any]]) -> int:
+        return run_shard(self.runner, shard, records)
+
 
 def _replica_class():
     import ray
@@ -104,6 +109,14 @@ class Progress:
         else:
             print(f"[{time.strftime('%H:%M:%S')}] {sid}: step {done}/{self.totals[sid]} {note}".rstrip(), flush=True)
 
+    def note(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.rich is not None:
+            self.rich.console.print(text)
+        else:
+            print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
     def close(self) -> None:
         if self.rich is not None:
             self.rich.stop()
@@ -114,33 +127,87 @@ def print_summary(cid: str, rows: list[StreamSummary]) -> None:
     from rich.table import Table
 
     table = Table(title=f"campaign {cid}")
-    for col in ("stream", "steps committed", "last step", "edits", "mean target NLL", "seconds"):
+    for col in ("stream", "steps committed", "last step", "edits", "mean target NLL", "seconds", "eval parts"):
         table.add_column(col)
     for r in rows:
         table.add_row(r.sid, str(r.steps_committed), "-" if r.last_step is None else str(r.last_step), str(r.edits),
-                      "-" if r.mean_target_nll is None else f"{r.mean_target_nll:.3f}", f"{r.seconds:.1f}")
+                      "-" if r.mean_target_nll is None else f"{r.mean_target_nll:.3f}", f"{r.seconds:.1f}",
+                      str(r.eval_parts))
     Console(width=None if sys.stdout.isatty() else 140).print(table)  # logs: do not wrap at 80
 
 
-def build_jobs(spec: CampaignSpec, base_dir: Path | None) -> list[tuple[int, StreamJob]]:
-    """(model index, job) for every stream of the spec, requests included."""
+def build_jobs(spec: CampaignSpec, base_dir: Path | None) -> list[tuple[int, StreamJob, list[dict[str, Any]]]]:
+    """(model index, job, record dicts in edit order) for every stream of the spec."""
     out = []
     for s in streams(spec):
-        reqs = stream_requests(spec, s, base_dir)
+        recs = stream_records(spec, s, base_dir)
         out.append((s.model_index, StreamJob(
             cid=spec.campaign_id, sid=s.sid, model=s.model, method=s.method, method_label=s.method_label,
             hparams=s.hparams, dataset=s.dataset, seed=s.seed, mode=spec.mode, batch_size=spec.batch_size,
             checkpoint_every=spec.checkpoint_every, stats_corpus=spec.stats_corpus,
-            requests=[r.model_dump() for r in reqs])))
+            requests=[request_of(r).model_dump() for r in recs]), [r.model_dump() for r in recs]))
     return out
+
+
+def _columns(job: StreamJob) -> dict[str, Any]:
+    return {"model": job.model, "method": job.method, "method_label": job.method_label, "dataset": job.dataset,
+            "seed": job.seed}
+
+
+def missing_shards(spec: CampaignSpec, store: Store, job: StreamJob, record_kind: str,
+                   upto: int | None) -> list[EvalShard]:
+    """Evaluation shards of committed steps ``<= upto`` whose part is not committed yet (resume)."""
+    if spec.evaluation is None or upto is None:
+        return []
+    out: list[EvalShard] = []
+    for step in spec.eval_steps():
+        if step > upto:
+            break
+        done = {suite: set(eval_parts_done(store, job.cid, job.sid, step, suite)) for suite in spec.evaluation.suites}
+        out += [sh for sh in plan_shards(spec, job.sid, step, record_kind, _columns(job))
+                if sh.shard not in done[sh.suite]]
+    return out
+
+
+class _Scheduler:
+    """Per model: a queue of streams and a queue of evaluation shards, served by that model's replicas.
+
+    A replica keeps the stream it was given until the stream ends. Evaluation shards go to replicas
+    without a stream (spares, or replicas whose streams are done); when every replica of the model is
+    editing, each alternates one shard with one step, so editing is never blocked for long and the
+    backlog stays bounded. The driver never waits for evaluations before the next step: with a spare
+    replica, step t is evaluated while step t+1 is edited; without one, a stream's evaluation runs
+    while the other streams edit.
+    """
+
+    def __init__(self) -> None:
+        self.streams: dict[int, deque[StreamJob]] = defaultdict(deque)
+        self.evals: dict[int, deque[EvalShard]] = defaultdict(deque)
+        self.queued: set[tuple[str, int, str, int]] = set()  # never run a shard twice in one driver
+        self.owner: dict[Any, StreamJob | None] = {}
+        self.took_eval: dict[Any, bool] = {}
+
+    def push_evals(self, mi: int, shards: list[EvalShard]) -> None:
+        for sh in shards:
+            if sh.key not in self.queued:
+                self.queued.add(sh.key)
+                self.evals[mi].append(sh)
+
+    def spare(self, mi: int, actors: list[tuple[int, Any]]) -> bool:
+        """Does model ``mi`` have a replica without a stream (which then serves the evaluations)?"""
+        return any(m == mi and self.owner.get(a) is None for m, a in actors)
 
 
 def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, address: str | None = None,
             max_steps: int | None = None, progress: bool = True,
-            on_step: Callable[[StepReport], None] | None = None) -> list[StreamSummary]:
-    """Run (or resume) every stream of a validated spec on Ray; returns per-stream summaries.
+            on_step: Callable[[StepReport], None] | None = None,
+            on_eval_dispatch: Callable[[Any, EvalShard], None] | None = None,
+            on_eval_done: Callable[[EvalShard, int], None] | None = None,
+            actor_env: dict[str, str] | None = None) -> list[StreamSummary]:
+    """Run (or resume) every stream of a validated spec on Ray, with its evaluation schedule.
 
     ``max_steps`` stops each stream once it has that many committed steps (tests: interruption).
+    ``on_eval_dispatch``/``on_eval_done``/``actor_env`` are hooks for fault-injection tests and benchmarks.
     """
     import ray
 
@@ -150,41 +217,86 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
     cid = spec.campaign_id
     freeze_spec(store, spec)
     jobs = build_jobs(spec, base_dir)
-    limit = {job.sid: job.n_steps if max_steps is None else min(job.n_steps, max_steps) for _, job in jobs}
-    by_model: dict[int, deque[StreamJob]] = defaultdict(deque)
-    for mi, job in jobs:
+    limit = {job.sid: job.n_steps if max_steps is None else min(job.n_steps, max_steps) for _, job, _ in jobs}
+    kinds = {job.sid: spec.datasets[next(s.dataset_index for s in streams(spec) if s.sid == job.sid)].record_kind
+             for _, job, _ in jobs}
+    records = {job.sid: recs for _, job, recs in jobs}
+    sched = _Scheduler()
+    for mi, job, _ in jobs:
         last = last_committed_step(store, cid, job.sid)
         if last is None or last + 1 < limit[job.sid]:  # finished streams need no replica (and no Ray)
-            by_model[mi].append(job)
-    if not any(by_model.values()):
-        log.info("campaign %s: every stream is already complete", cid)
+            sched.streams[mi].append(job)
+        sched.push_evals(mi, missing_shards(spec, store, job, kinds[job.sid], last))
+    if not any(sched.streams.values()) and not any(sched.evals.values()):
+        log.info("campaign %s: every stream and evaluation is already complete", cid)
         return campaign_summaries(store, cid)
     started = init_ray(address)
     bar: Progress | None = None
     actors: list[tuple[int, Any]] = []
     try:
         Replica = _replica_class()
-        bar = Progress({job.sid: job.n_steps for q in by_model.values() for job in q}, enabled=progress)
+        bar = Progress({job.sid: job.n_steps for _, job, _ in jobs}, enabled=progress)
         store_args = store.open_args()
-        for mi, queue in by_model.items():
+        for mi in sorted(set(sched.streams) | set(sched.evals)):
             m = spec.models[mi]
-            for _ in range(min(m.replicas, len(queue))):
-                opts = {"num_cpus": m.cpus_per_replica, "num_gpus": m.gpus_per_replica}
-                actors.append((mi, Replica.options(**opts).remote(m.name, m.dtype, store_args)))
-        pending: dict[Any, tuple[Any, int, StreamJob, str]] = {}  # ref → (actor, model, job, kind)
+            # with an evaluation schedule every replica is useful (spares evaluate); else one per stream
+            n = m.replicas if spec.evaluation is not None else min(m.replicas, len(sched.streams[mi]))
+            for _ in range(max(1, n)):
+                opts: dict[str, Any] = {"num_cpus": m.cpus_per_replica, "num_gpus": m.gpus_per_replica}
+                if actor_env:
+                    opts["runtime_env"] = {"env_vars": dict(actor_env)}
+                a = Replica.options(**opts).remote(m.name, m.dtype, store_args)
+                actors.append((mi, a))
+                sched.owner[a] = None
+        rec_refs: dict[str, Any] = {}  # each stream's records go to the object store once, not per shard
+        pending: dict[Any, tuple[Any, int, Any, str]] = {}  # ref → (actor, model, job | shard, kind)
+        idle: set[Any] = set()
 
-        def assign(actor: Any, mi: int) -> None:
-            if by_model[mi]:
-                job = by_model[mi].popleft()
+        def eval_on(actor: Any, mi: int) -> None:
+            sh = sched.evals[mi].popleft()
+            if sh.sid not in rec_refs:
+                rec_refs[sh.sid] = ray.put(records[sh.sid])
+            pending[actor.evaluate.remote(sh, rec_refs[sh.sid])] = (actor, mi, sh, "eval")
+            sched.took_eval[actor] = True
+            if on_eval_dispatch:
+                on_eval_dispatch(actor, sh)
+
+        def dispatch(actor: Any, mi: int, nxt: int | None = None) -> None:
+            """Give a free replica its next piece of work (or mark it idle)."""
+            job = sched.owner[actor]
+            if job is not None and nxt is not None and nxt >= limit[job.sid]:
+                sched.owner[actor] = job = None
+            if job is None and sched.streams[mi]:
+                job = sched.owner[actor] = sched.streams[mi].popleft()
                 pending[actor.open.remote(job)] = (actor, mi, job, "open")
+                return
+            if sched.evals[mi] and (job is None or (not sched.took_eval.get(actor)
+                                                    and not sched.spare(mi, actors))):
+                eval_on(actor, mi)
+                return
+            if job is not None:
+                sched.took_eval[actor] = False
+                pending[actor.step.remote(job)] = (actor, mi, job, "step")
+                return
+            idle.add(actor)
 
+        next_step: dict[str, int] = {}
         for mi, actor in actors:
-            assign(actor, mi)
+            dispatch(actor, mi)
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             ref = done[0]
-            actor, mi, job, kind = pending.pop(ref)
-            result = ray.get(ref)  # an edit error fails the campaign (committed steps stay valid)
+            actor, mi, item, kind = pending.pop(ref)
+            result = ray.get(ref)  # an edit/eval error fails the campaign (committed work stays valid)
+            if kind == "eval":
+                sh: EvalShard = item
+                if on_eval_done:
+                    on_eval_done(sh, int(result))
+                if progress:
+                    bar.note(f"{sh.sid}: eval step {sh.step} {sh.suite} shard {sh.shard} ({result} rows)")
+                dispatch(actor, mi, next_step.get(sched.owner[actor].sid) if sched.owner[actor] else None)
+                continue
+            job = item
             if kind == "open":
                 nxt = int(result)
                 bar.update(job.sid, nxt, "(resumed)" if nxt else "")
@@ -195,10 +307,14 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
                     on_step(rep)
                 nll = "" if rep.mean_target_nll is None else f"target NLL {rep.mean_target_nll:.3f}"
                 bar.update(job.sid, nxt, f"{rep.edits} edits {rep.seconds:.1f}s {nll}")
-            if nxt < limit[job.sid]:
-                pending[actor.step.remote(job)] = (actor, mi, job, "step")
-            else:
-                assign(actor, mi)
+                new = plan_shards(spec, job.sid, rep.step, kinds[job.sid], _columns(job))
+                sched.push_evals(mi, new)
+                for m2, a2 in actors:  # wake idle replicas of this model for the new shards
+                    if new and m2 == mi and a2 in idle and sched.evals[mi]:
+                        idle.discard(a2)
+                        eval_on(a2, mi)
+            next_step[job.sid] = nxt
+            dispatch(actor, mi, nxt)
     finally:
         if bar is not None:
             bar.close()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from rayedit.runtime.spec import CampaignSpec, SpecError, spec_diff, spec_from_yaml
 from rayedit.store import Store, committed_steps
-from rayedit.store.layout import list_campaigns, list_streams, spec_key, step_dataset
+from rayedit.store.layout import list_campaigns, list_streams, spec_key, step_dataset, stream_prefix
 
 
 class SpecMismatch(RuntimeError):
@@ -24,11 +24,20 @@ def freeze_spec(store: Store, spec: CampaignSpec) -> bool:
     if store.put_if_absent(key, text.encode()):
         return True
     frozen = store.get_bytes(key).decode()
-    if frozen != text:
+    if frozen != text and _canonical(frozen) != text:
         raise SpecMismatch(f"campaign {spec.campaign_id!r} was started with a different spec; refusing to "
                            f"mix results. Use a new campaign name, or resume with the frozen spec.\n"
                            f"{spec_diff(frozen, text)}")
     return False
+
+
+def _canonical(frozen: str) -> str | None:
+    """The frozen spec re-parsed with today's defaults: a spec frozen before a new optional key existed
+    (e.g. ``evaluation``) still matches the same spec today. None if it no longer parses."""
+    try:
+        return spec_from_yaml(frozen).frozen_yaml()
+    except SpecError:
+        return None
 
 
 def read_frozen_spec(store: Store, cid: str) -> CampaignSpec:
@@ -50,12 +59,19 @@ class StreamSummary:
     edits: int
     mean_target_nll: float | None
     seconds: float
+    eval_parts: int = 0  # committed evaluation parts (all steps and suites)
+
+
+def eval_parts_count(store: Store, cid: str, sid: str) -> int:
+    """Committed evaluation parts of a stream: one listing, counting ``.done`` markers."""
+    prefix = f"{stream_prefix(cid, sid)}/eval"
+    return sum(1 for k in store.list_sizes(prefix) if k.endswith(".done"))
 
 
 def stream_summary(store: Store, cid: str, sid: str) -> StreamSummary:
     steps = committed_steps(store, cid, sid)
     if not steps:
-        return StreamSummary(sid, 0, None, 0, None, 0.0)
+        return StreamSummary(sid, 0, None, 0, None, 0.0, eval_parts_count(store, cid, sid))
     tbl = step_dataset(store, cid, sid, steps=steps).to_table()
     nll = [x for x in tbl.column("target_nll").to_pylist() if x is not None] if "target_nll" in tbl.column_names \
         else []
@@ -65,7 +81,7 @@ def stream_summary(store: Store, cid: str, sid: str) -> StreamSummary:
     for b, s in zip(tbl.column("batch").to_pylist(), tbl.column("seconds").to_pylist(), strict=True):
         secs[b] = s
     return StreamSummary(sid, len(steps), steps[-1], tbl.num_rows, sum(nll) / len(nll) if nll else None,
-                         float(sum(secs.values())))
+                         float(sum(secs.values())), eval_parts_count(store, cid, sid))
 
 
 def campaign_summaries(store: Store, cid: str) -> list[StreamSummary]:

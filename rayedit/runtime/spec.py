@@ -27,8 +27,42 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _is_hub(source: str) -> bool:
+    """A hub dataset name (``org/name`` or ``hf://…``) rather than a local file."""
+    if source.startswith("hf://"):
+        return True
+    p = Path(source)
+    return not p.exists() and not p.suffix and source.count("/") == 1 and not source.startswith((".", "/"))
+
+
+def toyworld_dir(seed: int) -> Path:
+    """The toy world's folder for ``seed`` (built once and cached by ``rayedit.data.toyworld.ensure_toyworld``)."""
+    from rayedit.data import toyworld
+
+    ensure = getattr(toyworld, "ensure_toyworld", None)
+    if ensure is None:  # TODO(toyworld): drop once rayedit.data.toyworld.ensure_toyworld has landed
+        raise SpecError([f"<root>: toyworld:{seed} needs rayedit.data.toyworld.ensure_toyworld, "
+                         "which this checkout does not have yet"])
+    out = ensure(seed=seed)
+    for attr in ("path", "root", "dir", "folder"):  # a Path, or a handle that carries one
+        if not isinstance(out, str | Path) and hasattr(out, attr):
+            out = getattr(out, attr)
+            break
+    return Path(out)
+
+
+def toyworld_seed(name: str) -> int | None:
+    """``toyworld:<seed>`` → seed; None for other model names."""
+    if not name.startswith("toyworld:"):
+        return None
+    tail = name.split(":", 1)[1] or "0"
+    if not tail.isdigit():
+        raise ValueError(f"toy world model must be 'toyworld:<seed>' with an integer seed, got {name!r}")
+    return int(tail)
+
+
 class ModelSpec(_Strict):
-    name: str = Field(min_length=1, description='hub name, local folder, or "tiny:<family>"')
+    name: str = Field(min_length=1, description='hub name, local folder, "tiny:<family>" or "toyworld:<seed>"')
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     replicas: int = Field(1, ge=1)
     gpus_per_replica: float = Field(0.0, ge=0)
@@ -43,6 +77,7 @@ class ModelSpec(_Strict):
             fam = v.split(":", 1)[1]
             if fam not in TINY_FAMILIES:
                 raise ValueError(f"unknown tiny family {fam!r}; choose one of {', '.join(TINY_FAMILIES)}")
+        toyworld_seed(v)
         return v
 
 
@@ -81,15 +116,61 @@ class MethodSpec(_Strict):
         return out
 
 
+DatasetKind = Literal["requests", "counterfact", "zsre", "toyworld-counterfact", "toyworld-zsre"]
+TOYWORLD_FILES = {"toyworld-counterfact": ("counterfact", "counterfact.json"), "toyworld-zsre": ("zsre", "zsre.json")}
+# which record kinds each evaluation suite can score (CounterFact suites need neighbourhood prompts, …)
+SUITE_KINDS = {"counterfact": ("counterfact",), "generation": ("counterfact",), "zsre": ("zsre",),
+               "easyedit": ("counterfact", "zsre")}
+
+
 class DatasetSpec(_Strict):
-    kind: Literal["requests"] = "requests"
-    path: str
+    kind: DatasetKind = "requests"
+    path: str | None = Field(None, description="file or hub name; toyworld kinds: unused (the world's file)")
     name: str | None = None
     limit: int | None = Field(None, ge=1)
+    toyworld_seed: int = Field(0, ge=0, description="toyworld kinds: which world (ensure_toyworld seed)")
+    zsre_target: Literal["answers0", "alt"] = "answers0"
+
+    @model_validator(mode="after")
+    def _path(self) -> DatasetSpec:
+        if self.kind in TOYWORLD_FILES:
+            if self.path is not None:
+                raise ValueError(f"kind {self.kind!r} reads the toy world's own file: leave path out")
+        elif not self.path:
+            raise ValueError(f"kind {self.kind!r} needs a path (file or hub dataset name)")
+        return self
+
+    @property
+    def record_kind(self) -> str:
+        """Loader kind of the records: 'requests' | 'counterfact' | 'zsre'."""
+        return TOYWORLD_FILES[self.kind][0] if self.kind in TOYWORLD_FILES else self.kind
 
     @property
     def label(self) -> str:
-        return self.name or Path(self.path).stem
+        if self.name:
+            return self.name
+        if self.path is None:
+            return f"{self.kind}-{self.toyworld_seed}"
+        return Path(self.path).stem if not _is_hub(self.path) else self.path.rsplit("/", 1)[-1]
+
+
+class EvaluationSpec(_Strict):
+    """When and what to evaluate. ``at``: edit counts (each must end a committed step), or every step, or the end."""
+
+    at: list[int] | Literal["every_step", "end"] = "end"
+    suites: list[Literal["counterfact", "zsre", "easyedit", "generation"]] = Field(min_length=1)
+    scope: Literal["edited_so_far", "batch"] = "edited_so_far"
+    shard_size: int = Field(64, ge=1)
+    keep_raw: bool = False  # per-token lists make parts ~10x bigger; off unless asked for
+
+    @field_validator("at")
+    @classmethod
+    def _counts(cls, v: list[int] | str) -> list[int] | str:
+        if isinstance(v, list):
+            if not v or any(c < 1 for c in v) or len(set(v)) != len(v):
+                raise ValueError("edit counts must be distinct positive integers")
+            return sorted(v)
+        return v
 
 
 class CampaignSpec(_Strict):
@@ -105,6 +186,23 @@ class CampaignSpec(_Strict):
     store: str = "runs/store"
     stats_corpus: str = "builtin:general"
     stats_samples: int | None = Field(None, ge=1)  # default for mom2_n_samples unless a method overrides it
+    evaluation: EvaluationSpec | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        # the campaign id becomes a store key: refuse path-like names instead of silently rewriting them
+        if "/" in v or "\\" in v or ".." in v or any(ord(c) < 32 for c in v):
+            raise ValueError(f"campaign name {v!r} must not contain '/', '\\', '..' or control characters")
+        return v
+
+    @field_validator("store")
+    @classmethod
+    def _store_uri(cls, v: str) -> str:
+        from rayedit.store import parse_store_uri
+
+        parse_store_uri(v)  # StoreURIError (a ValueError) names the URI and the problem
+        return v
 
     @model_validator(mode="after")
     def _mode_batch(self) -> CampaignSpec:
@@ -115,6 +213,54 @@ class CampaignSpec(_Strict):
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError("seeds must be distinct")
         return self
+
+    @model_validator(mode="after")
+    def _evaluation(self) -> CampaignSpec:
+        ev = self.evaluation
+        if ev is None:
+            return self
+        problems = []
+        if self.mode == "single" and (ev.scope != "batch" or self.checkpoint_every != 1):
+            # single edits each start from the base model: a step's checkpoint holds only its last edit
+            problems.append("evaluation: mode 'single' has no cumulative model; use scope 'batch' with "
+                            "checkpoint_every 1")
+        if isinstance(ev.at, list):
+            per_step = self.batch_size * self.checkpoint_every
+            for c in ev.at:
+                if c > self.edits_per_stream:
+                    problems.append(f"evaluation.at: {c} edits asked, but streams have {self.edits_per_stream}")
+                elif c % per_step and c != self.edits_per_stream:
+                    problems.append(f"evaluation.at: {c} is not the end of a committed step (steps hold "
+                                    f"{per_step} edits: batch_size × checkpoint_every)")
+        for si, suite in enumerate(ev.suites):
+            for di, d in enumerate(self.datasets):
+                if d.record_kind not in SUITE_KINDS[suite]:
+                    problems.append(f"evaluation.suites.{si}: suite {suite!r} needs {'/'.join(SUITE_KINDS[suite])} "
+                                    f"records, datasets.{di} is kind {d.kind!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def steps_per_stream(self) -> int:
+        n_batches = -(-self.edits_per_stream // self.batch_size)
+        return -(-n_batches // self.checkpoint_every)
+
+    def edits_after(self, step: int) -> int:
+        """Edits a stream has made once ``step`` is committed."""
+        return min((step + 1) * self.batch_size * self.checkpoint_every, self.edits_per_stream)
+
+    def eval_steps(self) -> list[int]:
+        """Committed steps after which the evaluation schedule runs (ascending)."""
+        ev = self.evaluation
+        n = self.steps_per_stream()
+        if ev is None:
+            return []
+        if ev.at == "every_step":
+            return list(range(n))
+        if ev.at == "end":
+            return [n - 1]
+        counts = set(ev.at)
+        return [t for t in range(n) if self.edits_after(t) in counts]
 
     @property
     def campaign_id(self) -> str:
@@ -256,13 +402,46 @@ def _read_requests_jsonl(path: Path, limit: int | None = None) -> list[EditReque
     return out
 
 
-def stream_requests(spec: CampaignSpec, stream: Stream, base_dir: Path | None = None) -> list[EditRequest]:
-    """The stream's ordered requests: the dataset (limit), shuffled by the seed, first edits_per_stream."""
-    d = spec.datasets[stream.dataset_index]
-    reqs = read_requests(resolve_data_path(d.path, base_dir), d.limit)
-    order = list(range(len(reqs)))
+def dataset_source(d: DatasetSpec, base_dir: Path | None = None) -> str | Path:
+    """Where a dataset's records come from: a local file, a hub name, or the toy world's file."""
+    if d.kind in TOYWORLD_FILES:
+        return toyworld_dir(d.toyworld_seed) / TOYWORLD_FILES[d.kind][1]
+    assert d.path is not None
+    return d.path if _is_hub(d.path) else resolve_data_path(d.path, base_dir)
+
+
+def read_records(d: DatasetSpec, base_dir: Path | None = None) -> list[Any]:
+    """Records of a dataset: EditRequests (kind requests) or CounterFact/ZsRE records (with ``.request``)."""
+    src = dataset_source(d, base_dir)
+    if d.record_kind == "requests":
+        return read_requests(Path(src), d.limit)
+    from rayedit.data.loaders import load_dataset_records
+    from rayedit.data.schema import DatasetError, DatasetValidationError
+
+    opts = {"zsre_target": d.zsre_target} if d.record_kind == "zsre" else {}
+    try:
+        return list(load_dataset_records(d.record_kind, str(src), limit=d.limit, **opts))
+    except DatasetValidationError as exc:
+        raise SpecError([str(p) for p in exc.problems] or [str(exc)]) from None
+    except (DatasetError, OSError, ValueError) as exc:
+        raise SpecError([f"{src}: {exc}"]) from None
+
+
+def request_of(record: Any) -> EditRequest:
+    return record if isinstance(record, EditRequest) else record.request
+
+
+def stream_records(spec: CampaignSpec, stream: Stream, base_dir: Path | None = None) -> list[Any]:
+    """The stream's ordered records: the dataset (limit), shuffled by the seed, first edits_per_stream."""
+    recs = read_records(spec.datasets[stream.dataset_index], base_dir)
+    order = list(range(len(recs)))
     random.Random(stream.seed).shuffle(order)  # the seed picks the edit order (and so the edit set)
-    return [reqs[i] for i in order[: spec.edits_per_stream]]
+    return [recs[i] for i in order[: spec.edits_per_stream]]
+
+
+def stream_requests(spec: CampaignSpec, stream: Stream, base_dir: Path | None = None) -> list[EditRequest]:
+    """The stream's ordered edit requests (the records' ``.request``)."""
+    return [request_of(r) for r in stream_records(spec, stream, base_dir)]
 
 
 # --- deep validation --------------------------------------------------------------------------------
@@ -273,6 +452,11 @@ def _model_layers(name: str) -> tuple[int, int | None] | None:
 
         fam = name.split(":", 1)[1]
         cfg = tiny_config(fam, len(tiny_tokenizer(fam)))
+    elif name.startswith("toyworld:"):
+        from rayedit.data.toyworld import ToyWorldConfig
+
+        tw = ToyWorldConfig()  # the world's config without building it (validation must stay cheap)
+        return tw.n_layers, tw.d_ff
     else:
         try:
             from transformers import AutoConfig
@@ -290,27 +474,41 @@ def model_id(name: str) -> str:
     return f"tiny-{name.split(':', 1)[1]}-4L-seed0" if name.startswith("tiny:") else name
 
 
-def validate_spec_file(path: str | Path) -> tuple[CampaignSpec | None, list[str]]:
-    """Every problem of a spec file, each with its key path (empty list = valid)."""
+def model_path(name: str) -> str:
+    """What ``load_model`` gets: the toy world's saved model folder for ``toyworld:<seed>``, else the name."""
+    seed = toyworld_seed(name)
+    return name if seed is None else str(toyworld_dir(seed) / "model")
+
+
+def validate_spec_file(path: str | Path, notes: list[str] | None = None) -> tuple[CampaignSpec | None, list[str]]:
+    """Every problem of a spec file, each with its key path (empty list = valid).
+
+    ``notes`` (if given) receives the checks that were skipped (model config or hub data not readable offline).
+    """
     try:
         spec = load_spec(path)
     except SpecError as exc:
         return None, exc.problems
-    problems = deep_check(spec, Path(path).resolve().parent)
+    problems = deep_check(spec, Path(path).resolve().parent, notes)
     return spec, problems
 
 
-def deep_check(spec: CampaignSpec, base_dir: Path | None = None) -> list[str]:
+def deep_check(spec: CampaignSpec, base_dir: Path | None = None, notes: list[str] | None = None) -> list[str]:
     problems: list[str] = []
+    notes = [] if notes is None else notes
     try:
         streams(spec)
     except SpecError as exc:
         problems += exc.problems
     from rayedit.editing import resolve_hparams
 
-    for m in spec.models:
+    for mi, m in enumerate(spec.models):
+        if m.name.startswith(("/", "./", "../", "~")) and not Path(m.name).expanduser().exists():
+            problems.append(f"models.{mi}.name: local model folder {m.name!r} does not exist")
+            continue
         shape = _model_layers(m.name)
         if shape is None:
+            notes.append(f"models: config of {m.name!r} cannot be read offline; hyperparameter/layer checks skipped")
             continue
         for ji, meth in enumerate(spec.methods):
             for label, hp in meth.variants():
@@ -322,15 +520,28 @@ def deep_check(spec: CampaignSpec, base_dir: Path | None = None) -> list[str]:
                     where = f"methods.{ji}.{'grid' if meth.grid else 'hparams'}"
                     problems.append(f"{where}: {exc} (model {m.name}, {label})")
     for di, d in enumerate(spec.datasets):
-        p = resolve_data_path(d.path, base_dir)
-        if not p.is_file():
+        if d.kind in TOYWORLD_FILES:
+            try:
+                reqs = read_records(d, base_dir)
+            except SpecError as exc:
+                problems += [f"datasets.{di}: {e}" for e in exc.problems]
+                continue
+        elif d.path is not None and _is_hub(d.path):
+            # hub datasets cannot be read offline; the run checks them when it loads them
+            notes.append(f"datasets.{di}: hub dataset {d.path!r} not checked offline (read at run time)")
+            if d.limit is not None and d.limit < spec.edits_per_stream:
+                problems.append(f"edits_per_stream: {spec.edits_per_stream} edits asked, but datasets.{di} "
+                                f"is limited to {d.limit} records")
+            continue
+        elif not resolve_data_path(str(d.path), base_dir).is_file():
             problems.append(f"datasets.{di}.path: data file not found: {d.path}")
             continue
-        try:
-            reqs = read_requests(p, d.limit)
-        except SpecError as exc:
-            problems += [f"datasets.{di}: {e}" for e in exc.problems]
-            continue
+        else:
+            try:
+                reqs = read_records(d, base_dir)
+            except SpecError as exc:
+                problems += [f"datasets.{di}: {e}" for e in exc.problems]
+                continue
         if not reqs:
             problems.append(f"datasets.{di}.path: {d.path} has no requests")
         elif len(reqs) < spec.edits_per_stream:

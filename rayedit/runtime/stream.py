@@ -30,10 +30,11 @@ STATE_PREFIX = "state."
 def load_lm(name: str, dtype: str = "float32"):
     """``tiny:<family>`` builds a random tiny model offline; anything else goes to ``load_model``."""
     from rayedit.models import build_tiny_model, load_model
+    from rayedit.runtime.spec import model_path
 
     if name.startswith("tiny:"):
         return build_tiny_model(name.split(":", 1)[1])
-    return load_model(name, dtype=dtype)
+    return load_model(model_path(name), dtype=dtype)
 
 
 @dataclass
@@ -86,6 +87,42 @@ class StreamRunner:
         self.editor: Editor | None = None
         self.next_step = 0
         self._fresh_state: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None
+        self._weights_cache: tuple[tuple[str, str, int], dict[str, torch.Tensor]] | None = None
+        self._loc_cache: Any = None
+
+    # -- evaluation support: swap a committed step's tensors in and out ---------------------------------
+    def step_weights(self, cid: str, sid: str, step: int) -> dict[str, torch.Tensor]:
+        """The edited tensors of a committed step (editor state dropped); the last one read is kept."""
+        key = (cid, sid, step)
+        if self._weights_cache is None or self._weights_cache[0] != key:
+            tensors, _ = read_committed_step(self.store, cid, sid, step, [DELTA]).tensors(DELTA)
+            self._weights_cache = (key, {k: v for k, v in tensors.items() if not k.startswith(STATE_PREFIX)})
+        return self._weights_cache[1]
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """Current values of every tensor any stream has touched on this replica."""
+        params = dict(self.lm.model.named_parameters())
+        return {k: params[k].detach().clone().cpu() for k in self.base}
+
+    def checkout(self, weights: dict[str, torch.Tensor]) -> None:
+        """Base weights everywhere, then ``weights`` on top (a step's deltas are cumulative)."""
+        params = dict(self.lm.model.named_parameters())
+        for k in weights:  # never touched on this replica, so its current value is the pristine one
+            if k not in self.base:
+                self.base[k] = params[k].detach().clone().cpu()
+        self._restore_base()
+        apply_weights(self.lm, weights)
+
+    def locality_cache(self, records: list[Any], weights: dict[str, torch.Tensor]) -> Any:
+        """EasyEdit's pre-edit predictions for ``records``, computed on the base weights, then ``weights`` back."""
+        from rayedit.evaluate import prepare_locality_cache
+
+        self._restore_base()
+        try:
+            self._loc_cache = prepare_locality_cache(self.lm, records, self._loc_cache)
+        finally:
+            apply_weights(self.lm, weights)
+        return self._loc_cache
 
     # -- stream switching ----------------------------------------------------------------------------
     def _restore_base(self) -> None:
