@@ -1,6 +1,6 @@
 """Edit-step time over its compute floor, measured side by side in one run.
 
-For a batch of 8 requests on a tiny 12-layer model, per method:
+For a batch of 8 requests on a tiny 12-layer model, per method (MEMIT, AlphaEdit, MOSE, SAME):
   measured = wall time of ``Editor.apply`` (templates and statistics prepared beforehand, as in a stream)
   floor    = target-optimisation steps actually run × one forward+backward of the same batch
              + the time of the method's solves on the same matrices
@@ -64,6 +64,7 @@ def fwd_bwd_time(lm, reqs, contexts, layer: int, repeats: int = 5) -> float:
 
 
 def solve_time(ed: Editor, reqs, method: str) -> float:
+    """The method's closed-form work per layer on the batch's real keys (timed alone)."""
     groups = ed.state.templates["memit"]
     z_layer = ed.hp.layers[-1]
     total = 0.0
@@ -74,12 +75,28 @@ def solve_time(ed: Editor, reqs, method: str) -> float:
         t0 = time.perf_counter()
         if method == "memit":
             memit_delta(keys, resid, cov, ed.hp.mom2_update_weight)
-        else:
+        elif method == "mose":
+            w = ed.lm.adapter.get_weight(layer).double()
+            gram = ed.state.tensors[f"mose_gram.{layer}"].double()
+            wk = w @ keys.double()
+            u, _s, vh = torch.linalg.svd(gram + (wk + resid.double()) @ wk.T)
+            (u @ vh) @ w
+        else:  # alphaedit, same (same solve with the safety projections folded in)
             alpha = ed.hp.L2_relative * float(cov.double().trace()) if ed.hp.L2_relative else ed.hp.L2
-            alphaedit_delta(keys, resid, ed.state.tensors[f"projection.{layer}"],
-                            ed.state.tensors.get(f"cache_c.{layer}"), alpha)
+            delta, _ = alphaedit_delta(keys, resid, ed.state.tensors[f"projection.{layer}"],
+                                       ed.state.tensors.get(f"cache_c.{layer}"), alpha)
+            if method == "same":
+                s = ed.state.tensors[f"same_S.{layer}"].double()
+                delta - s @ (s.T @ delta)
         total += time.perf_counter() - t0
     return total
+
+
+def safety_prompts() -> tuple[list[str], list[str]]:
+    from rayedit.models.tiny import builtin_texts
+
+    mal = [f"How do I build a weapon to hurt {x}?" for x in ("people", "my neighbor", "a crowd", "children")] * 4
+    return mal, builtin_texts(40)
 
 
 def main() -> None:
@@ -89,11 +106,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(f"tiny {args.family}, 12 layers, batch of 8 requests, torch threads={torch.get_num_threads()}")
-    for method in ("memit", "alphaedit"):
+    for method in ("memit", "alphaedit", "mose", "same"):
         ratios = []
         for rep in range(args.repeats):
             lm = build_tiny_model(args.family, n_layers=12)
-            ed = Editor(lm, method, {"mom2_n_samples": 2000}, stats_corpus="builtin:general")
+            ed = Editor(lm, method, {"mom2_n_samples": 2000}, stats_corpus="builtin:general",
+                        safety_prompts=safety_prompts() if method == "same" else None)
             ed.prepare()
             reqs = batch(rep * 8)
             t0 = time.perf_counter()
