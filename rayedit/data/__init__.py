@@ -1,5 +1,29 @@
 """Datasets, schema validation and the toy world (plain Python/torch; no Ray, no boto3)."""
 
+from rayedit.data.loaders import (
+    KINDS,
+    load_counterfact,
+    load_dataset_records,
+    load_malicious,
+    load_requests,
+    load_zsre,
+)
 from rayedit.data.requests import EditRequest
+from rayedit.data.schema import (
+    CounterFactRecord,
+    DatasetError,
+    DatasetSourceError,
+    DatasetValidationError,
+    LoadedRecords,
+    MaliciousQuery,
+    Problem,
+    ZsreRecord,
+)
+from rayedit.data.toyworld import ToyWorld, ToyWorldConfig, build_toyworld, ensure_toyworld, load_toyworld
 
-__all__ = ["EditRequest"]
+__all__ = [
+    "EditRequest", "CounterFactRecord", "ZsreRecord", "MaliciousQuery", "Problem", "LoadedRecords",
+    "DatasetError", "DatasetSourceError", "DatasetValidationError", "KINDS", "load_counterfact", "load_zsre",
+    "load_malicious", "load_requests", "load_dataset_records", "ToyWorld", "ToyWorldConfig", "build_toyworld",
+    "ensure_toyworld", "load_toyworld",
+]
