@@ -56,21 +56,23 @@ class _StatsFields(BaseModel):
     exclude_bos_from_stats: bool = False
 
 
-class MemitHparams(_Base, _TargetFields, _StatsFields):
+class _NullspaceFields(BaseModel):
+    """AlphaEdit's projection (§3.3): absolute threshold on the normalised Σ, energy, or auto (§4.3)."""
+
+    nullspace_mode: NullspaceMode = "threshold"
+    nullspace_threshold: float = Field(2e-2, gt=0, allow_inf_nan=False)
+    nullspace_energy: float = Field(1e-3, gt=0, lt=1)
+
+
+class MemitHparams(_Base, _TargetFields, _StatsFields, _NullspaceFields):
     method: Literal["memit"] = "memit"
     mom2_update_weight: float = Field(15_000.0, ge=0, allow_inf_nan=False)
     sequential_cache: bool = False  # MEMIT-seq: add the running C_p of past keys (§3.2)
     project: Literal["none", "nullspace"] = "none"  # AlphaEdit's "one line" plug-in (§3.3)
-    nullspace_mode: NullspaceMode = "threshold"
-    nullspace_threshold: float = Field(2e-2, gt=0, allow_inf_nan=False)
-    nullspace_energy: float = Field(1e-3, gt=0, lt=1)
 
 
-class AlphaEditHparams(_Base, _TargetFields, _StatsFields):
+class AlphaEditHparams(_Base, _TargetFields, _StatsFields, _NullspaceFields):
     method: Literal["alphaedit"] = "alphaedit"
-    nullspace_mode: NullspaceMode = "threshold"
-    nullspace_threshold: float = Field(2e-2, gt=0, allow_inf_nan=False)
-    nullspace_energy: float = Field(1e-3, gt=0, lt=1)
     L2: float = Field(10.0, gt=0, allow_inf_nan=False)
     # [OURS] scale-free alternative for models without a preset: α = L2_relative · tr(Σ_l)
     L2_relative: float | None = Field(None, gt=0, allow_inf_nan=False)
@@ -83,7 +85,7 @@ class RomeHparams(_Base, _TargetFields, _StatsFields):
     rome_key: Literal["original", "rrome"] = "rrome"  # [OURS] r-ROME default for sequential campaigns
 
 
-class FtHparams(_Base):
+class FtHparams(_Base, _StatsFields, _NullspaceFields):
     method: Literal["ft"] = "ft"
     lr: float = Field(5e-4, gt=0, allow_inf_nan=False)
     num_steps: int = Field(25, ge=1, le=10_000)
@@ -92,16 +94,6 @@ class FtHparams(_Base):
     objective: Literal["prompt_last", "target_new"] = "prompt_last"  # FT-L [REF] | FT-M
     weight_decay: float = Field(0.0, ge=0)
     project: Literal["none", "nullspace"] = "none"
-    nullspace_mode: NullspaceMode = "threshold"
-    nullspace_threshold: float = Field(2e-2, gt=0)
-    nullspace_energy: float = Field(1e-3, gt=0, lt=1)
-    mom2_dataset: str = "auto"
-    mom2_n_samples: int = Field(100_000, ge=1)
-    mom2_dtype: Literal["float32", "float64"] = "float32"
-    mom2_max_len: int | None = Field(None, ge=1)
-    mom2_max_tokens: int | None = Field(None, ge=1)
-    mom2_seed: int = 1
-    exclude_bos_from_stats: bool = False
 
 
 class SameHparams(AlphaEditHparams):
