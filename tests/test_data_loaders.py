@@ -273,12 +273,9 @@ def test_valid_files_round_trip_json_jsonl_parquet(tmp_path, kind, name):
     expected = _normalised(base)
     for suffix in (".json", ".jsonl"):
         assert _normalised(load_dataset_records(kind, _write(tmp_path / f"x{suffix}", raw))) == expected
+    # Parquet fills absent optional columns (harmful_target, target_true) with null: same records
     pq.write_table(pa.Table.from_pylist(raw), tmp_path / "x.parquet")
-    got = load_dataset_records(kind, tmp_path / "x.parquet")
-    if kind in ("malicious", "requests"):  # parquet fills absent optional columns with null
-        assert _normalised(got) == expected
-    else:
-        assert _normalised(got) == expected
+    assert _normalised(load_dataset_records(kind, tmp_path / "x.parquet")) == expected
     assert _normalised(load_dataset_records(kind, raw)) == expected  # in-memory records
 
 

@@ -1,9 +1,10 @@
 """Dataset loaders: read a local file (or a ``datasets`` hub name), validate every record, normalise.
 
 Sources
-    A local ``.json`` file (a JSON list of records; a file of JSON lines with a ``.json`` name is
-    accepted too), ``.jsonl``, ``.parquet`` (optionally ``.gz`` for the JSON forms), a list of dicts
-    already in memory, or a Hugging Face ``datasets`` hub name such as ``"azhx/counterfact"`` or
+    A local ``.json`` file (a JSON list of records, or an object whose single value is that list such
+    as ``{"data": [...]}``; a file of JSON lines with a ``.json`` name is accepted too), ``.jsonl`` /
+    ``.ndjson``, ``.parquet`` (optionally ``.gz`` for the JSON forms), a list of dicts already in
+    memory, or a Hugging Face ``datasets`` hub name such as ``"azhx/counterfact"`` or
     ``"hf://azhx/counterfact"`` (``split`` selects the split; needs network or a local hub cache).
 
 Validation
