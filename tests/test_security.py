@@ -47,8 +47,10 @@ def test_low_layers_never_import_ray_or_boto3(layer):
             mods = []
             if isinstance(node, ast.Import):
                 mods = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                mods = [node.module]
+            elif isinstance(node, ast.ImportFrom):
+                pkg = path.relative_to(ROOT).with_suffix("").parts[:-1]  # e.g. ('rayedit', 'editing')
+                base = list(pkg[: len(pkg) - node.level + 1]) if node.level else []
+                mods = [".".join([*base, node.module] if node.module else base)]
             for m in mods:
                 if m.split(".")[0] in ("ray", "boto3", "botocore") or m.startswith(("rayedit.runtime",
                                                                                    "rayedit.store", "rayedit.cli")):

@@ -1,6 +1,6 @@
 """Datasets, schema validation and the toy world (plain Python/torch; no Ray, no boto3)."""
 
-from rayedit.data.loaders import (
+from .loaders import (
     KINDS,
     load_counterfact,
     load_dataset_records,
@@ -8,8 +8,8 @@ from rayedit.data.loaders import (
     load_requests,
     load_zsre,
 )
-from rayedit.data.requests import EditRequest
-from rayedit.data.schema import (
+from .requests import EditRequest
+from .schema import (
     CounterFactRecord,
     DatasetError,
     DatasetSourceError,
@@ -19,7 +19,7 @@ from rayedit.data.schema import (
     Problem,
     ZsreRecord,
 )
-from rayedit.data.toyworld import ToyWorld, ToyWorldConfig, build_toyworld, ensure_toyworld, load_toyworld
+from .toyworld import ToyWorld, ToyWorldConfig, build_toyworld, ensure_toyworld, load_toyworld
 
 __all__ = [
     "EditRequest", "CounterFactRecord", "ZsreRecord", "MaliciousQuery", "Problem", "LoadedRecords",

@@ -56,8 +56,8 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from rayedit.data.requests import EditRequest
-from rayedit.data.schema import (
+from .requests import EditRequest
+from .schema import (
     CounterFactRecord,
     DatasetSourceError,
     DatasetValidationError,

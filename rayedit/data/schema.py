@@ -12,7 +12,7 @@ from typing import Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from rayedit.data.requests import EditRequest
+from .requests import EditRequest
 
 T = TypeVar("T")
 

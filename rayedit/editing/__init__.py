@@ -1,10 +1,10 @@
 """Pure-torch editing core: requests → keys → targets → solver → weight delta (no Ray, no boto3)."""
 
-from rayedit.data.requests import EditRequest
-from rayedit.editing.covariance import BlobCache, CovarianceStats, LocalBlobCache, StatsError, StatsSettings
-from rayedit.editing.editor import BatchResult, Editor, EditorState, EditRejected, apply_weights, edit
-from rayedit.editing.hparams import HPARAMS, load_overrides, resolve_hparams
-from rayedit.editing.solvers import SOLVERS
+from ..data.requests import EditRequest
+from .covariance import BlobCache, CovarianceStats, LocalBlobCache, StatsError, StatsSettings
+from .editor import BatchResult, Editor, EditorState, EditRejected, apply_weights, edit
+from .hparams import HPARAMS, load_overrides, resolve_hparams
+from .solvers import SOLVERS
 
 METHODS = tuple(sorted(SOLVERS))
 

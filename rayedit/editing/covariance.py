@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from rayedit.editing.hooks import StopForward, hooks, run_forward
-from rayedit.editing.tokens import chunks_by_tokens, pad_id, pad_right
+from .hooks import StopForward, hooks, run_forward
+from .tokens import chunks_by_tokens, pad_id, pad_right
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def resolve_corpus(spec: str | None) -> Corpus:
             return resolve_corpus("builtin:general")
         spec = "wikitext"
     if spec == "builtin:general":
-        from rayedit.models.tiny import builtin_texts
+        from ..models.tiny import builtin_texts
 
         texts = builtin_texts()
         digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]

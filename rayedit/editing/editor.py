@@ -19,13 +19,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from rayedit.data.requests import EditRequest
-from rayedit.editing.covariance import BlobCache, CovarianceStats, StatsSettings
-from rayedit.editing.diagnostics import COND_METHOD, matrix_stability
-from rayedit.editing.hparams import _Base, resolve_hparams
-from rayedit.editing.solvers import SOLVERS, Solver
-from rayedit.editing.targets import Targets
-from rayedit.editing.templates import generate_templates
+from ..data.requests import EditRequest
+from .covariance import BlobCache, CovarianceStats, StatsSettings
+from .diagnostics import COND_METHOD, matrix_stability
+from .hparams import _Base, resolve_hparams
+from .solvers import SOLVERS, Solver
+from .targets import Targets
+from .templates import generate_templates
 
 log = logging.getLogger(__name__)
 STATE_FORMAT = "rayedit-editor-state/v1"
@@ -276,7 +276,7 @@ class Editor:
 def _read_prompts(source: str) -> list[str]:
     """Prompts from ``builtin:general`` or a JSONL (``prompt`` or ``text`` field) / text file (one per line)."""
     if source == "builtin:general":
-        from rayedit.models.tiny import builtin_texts
+        from ..models.tiny import builtin_texts
 
         return builtin_texts()[::7]  # a spread of ordinary sentences, not one source file's first rows
     path = Path(source)

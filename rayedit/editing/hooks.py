@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from rayedit.models.adapters import block_hidden
+from ..models.adapters import block_hidden
 
 
 class StopForward(Exception):

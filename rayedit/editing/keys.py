@@ -10,10 +10,10 @@ from collections.abc import Sequence
 
 import torch
 
-from rayedit.data.requests import EditRequest
-from rayedit.editing.hooks import capture_input, capture_output, hooks, run_forward
-from rayedit.editing.templates import fill
-from rayedit.editing.tokens import chunks_by_tokens, encode, fact_token_index, pad_id, pad_right
+from ..data.requests import EditRequest
+from .hooks import capture_input, capture_output, hooks, run_forward
+from .templates import fill
+from .tokens import chunks_by_tokens, encode, fact_token_index, pad_id, pad_right
 
 
 @torch.no_grad()

@@ -15,11 +15,11 @@ from collections.abc import Sequence
 
 import torch
 
-from rayedit.data.requests import EditRequest
-from rayedit.editing.keys import compute_keys_and_outputs
-from rayedit.editing.solvers import LocateThenEdit, Solver, examples_nll, nll_examples
-from rayedit.editing.targets import Targets, compute_targets
-from rayedit.editing.tokens import pad_id
+from ..data.requests import EditRequest
+from .keys import compute_keys_and_outputs
+from .solvers import LocateThenEdit, Solver, examples_nll, nll_examples
+from .targets import Targets, compute_targets
+from .tokens import pad_id
 
 
 class Mose(LocateThenEdit):

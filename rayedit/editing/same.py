@@ -19,9 +19,9 @@ from collections.abc import Sequence
 
 import torch
 
-from rayedit.editing.hooks import capture_input, capture_output, hooks, run_forward
-from rayedit.editing.solvers import AlphaEdit
-from rayedit.editing.tokens import encode, pad_id, pad_right
+from .hooks import capture_input, capture_output, hooks, run_forward
+from .solvers import AlphaEdit
+from .tokens import encode, pad_id, pad_right
 
 
 def format_prompts(tok, prompts: Sequence[str], chat: bool) -> list[list[int]]:

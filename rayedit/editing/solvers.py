@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from rayedit.data.requests import EditRequest
-from rayedit.editing.keys import compute_keys_and_outputs, read_at_fact_tokens, template_items
-from rayedit.editing.linalg import null_space_projection, robust_solve
-from rayedit.editing.targets import TargetConfig, Targets, compute_targets
-from rayedit.editing.tokens import encode, pad_id, pad_right, target_ids
+from ..data.requests import EditRequest
+from .keys import compute_keys_and_outputs, read_at_fact_tokens, template_items
+from .linalg import null_space_projection, robust_solve
+from .targets import TargetConfig, Targets, compute_targets
+from .tokens import encode, pad_id, pad_right, target_ids
 
 if TYPE_CHECKING:
-    from rayedit.editing.editor import Editor
+    from .editor import Editor
 
 
 # --------------------------------------------------------------------------------- closed forms (pure)
@@ -174,7 +174,7 @@ class LocateThenEdit(Solver):
         """``C_p^l += K^l K^lᵀ`` with keys recomputed on the edited model, all layers in one forward."""
         ed, hp = self.editor, self.hp
         items = template_items(requests, groups)
-        from rayedit.editing.keys import average_over_templates
+        from .keys import average_over_templates
 
         flat, _ = read_at_fact_tokens(ed.lm, items, getattr(self, "batch_layers", hp.layers), [], hp.fact_token)
         new_keys = {}
@@ -356,8 +356,8 @@ SOLVERS: dict[str, type[Solver]] = {"memit": Memit, "alphaedit": AlphaEdit, "rom
 
 
 def _register_more() -> None:
-    from rayedit.editing.mose import Mose, MoseOft
-    from rayedit.editing.same import Same
+    from .mose import Mose, MoseOft
+    from .same import Same
 
     SOLVERS.update({"mose": Mose, "mose_oft": MoseOft, "same": Same})
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rayedit.data.requests import EditRequest
-from rayedit.editing.hooks import add_at_positions, hooks
-from rayedit.editing.templates import fill
-from rayedit.editing.tokens import encode, fact_token_index, pad_id, pad_right, target_ids
+from ..data.requests import EditRequest
+from .hooks import add_at_positions, hooks
+from .templates import fill
+from .tokens import encode, fact_token_index, pad_id, pad_right, target_ids
 
 KL_PROMPT = "{} is a"
 LOSS_STOP = 5e-2  # [REF] stop once the total loss is below this

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from rayedit.editing.tokens import encode
+from .tokens import encode
 
 SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
 

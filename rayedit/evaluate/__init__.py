@@ -7,9 +7,9 @@ Typical use::
     print(summarize(rows)["counterfact-prob/v1"]["score"])
 """
 
-from rayedit.evaluate.counterfact import counterfact_prob_rows
-from rayedit.evaluate.easyedit import LocalityCache, PreEditCacheError, easyedit_rows, prepare_locality_cache
-from rayedit.evaluate.generation import (
+from .counterfact import counterfact_prob_rows
+from .easyedit import LocalityCache, PreEditCacheError, easyedit_rows, prepare_locality_cache
+from .generation import (
     AttributeSnippets,
     GenerationSettings,
     TfidfModel,
@@ -18,7 +18,7 @@ from rayedit.evaluate.generation import (
     sample_top_k,
     text_fluency,
 )
-from rayedit.evaluate.protocols import (
+from .protocols import (
     COUNTERFACT_PROB,
     EASYEDIT,
     GENERATION,
@@ -27,8 +27,8 @@ from rayedit.evaluate.protocols import (
     Protocol,
     get_protocol,
 )
-from rayedit.evaluate.records import RecordError
-from rayedit.evaluate.scoring import (
+from .records import RecordError
+from .scoring import (
     ContinuationScore,
     PromptEncoder,
     ScoringError,
@@ -36,7 +36,7 @@ from rayedit.evaluate.scoring import (
     plan_batches,
     score_continuations,
 )
-from rayedit.evaluate.suites import (
+from .suites import (
     SUITES,
     evaluate_records,
     evaluate_step,
@@ -46,7 +46,7 @@ from rayedit.evaluate.suites import (
     summary_rows,
     to_long_rows,
 )
-from rayedit.evaluate.zsre import zsre_rows
+from .zsre import zsre_rows
 
 __all__ = [
     "AttributeSnippets", "COUNTERFACT_PROB", "ContinuationScore", "EASYEDIT", "GENERATION",

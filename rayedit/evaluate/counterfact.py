@@ -10,8 +10,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from rayedit.evaluate.protocols import COUNTERFACT_PROB
-from rayedit.evaluate.records import (
+from .protocols import COUNTERFACT_PROB
+from .records import (
     RecordError,
     as_continuation,
     case_id_of,
@@ -19,7 +19,7 @@ from rayedit.evaluate.records import (
     request_of,
     str_list,
 )
-from rayedit.evaluate.scoring import ContinuationScore, TokenScorer
+from .scoring import ContinuationScore, TokenScorer
 
 GROUPS = ("rewrite", "paraphrase", "neighborhood")
 NAN = float("nan")

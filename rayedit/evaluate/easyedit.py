@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rayedit.evaluate.protocols import EASYEDIT
-from rayedit.evaluate.records import (
+from .protocols import EASYEDIT
+from .records import (
     RecordError,
     as_continuation,
     case_id_of,
@@ -23,7 +23,7 @@ from rayedit.evaluate.records import (
     request_of,
     str_list,
 )
-from rayedit.evaluate.scoring import TokenScorer
+from .scoring import TokenScorer
 
 NAN = float("nan")
 CACHE_FORMAT = "rayedit-locality-cache/v1"
@@ -97,7 +97,7 @@ class LocalityCache:
 
 
 def _fingerprint(lm: Any) -> str:
-    from rayedit.models.loading import weights_fingerprint
+    from ..models.loading import weights_fingerprint
 
     # hash the weights as they are now (a LoadedModel caches its fingerprint, which may predate an edit)
     return weights_fingerprint(lm.model)

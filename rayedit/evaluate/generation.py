@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from rayedit.evaluate.protocols import GENERATION
-from rayedit.evaluate.records import case_id_of, request_of, str_list
-from rayedit.evaluate.scoring import PromptEncoder, model_device, model_max_positions
+from .protocols import GENERATION
+from .records import case_id_of, request_of, str_list
+from .scoring import PromptEncoder, model_device, model_max_positions
 
 NAN = float("nan")
 _REGEX_WORDS = re.compile(r"\w+(?:[-']\w+)*|[^\w\s]")

@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
-from rayedit.evaluate.counterfact import counterfact_prob_rows
-from rayedit.evaluate.easyedit import LocalityCache, easyedit_rows
-from rayedit.evaluate.generation import AttributeSnippets, GenerationSettings, TfidfModel, generation_rows
-from rayedit.evaluate.protocols import COUNTERFACT_PROB, EASYEDIT, GENERATION, ZSRE_TOKEN_ACC, get_protocol
-from rayedit.evaluate.scoring import TokenScorer
-from rayedit.evaluate.zsre import zsre_rows
+from .counterfact import counterfact_prob_rows
+from .easyedit import LocalityCache, easyedit_rows
+from .generation import AttributeSnippets, GenerationSettings, TfidfModel, generation_rows
+from .protocols import COUNTERFACT_PROB, EASYEDIT, GENERATION, ZSRE_TOKEN_ACC, get_protocol
+from .scoring import TokenScorer
+from .zsre import zsre_rows
 
 SUITES: dict[str, tuple[str, ...]] = {
     "counterfact": (COUNTERFACT_PROB.id,),

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from rayedit.evaluate.protocols import ZSRE_TOKEN_ACC
-from rayedit.evaluate.records import as_continuation, case_id_of, prompt_text, request_of, require, str_list
-from rayedit.evaluate.scoring import ContinuationScore, TokenScorer
+from .protocols import ZSRE_TOKEN_ACC
+from .records import as_continuation, case_id_of, prompt_text, request_of, require, str_list
+from .scoring import ContinuationScore, TokenScorer
 
 NAN = float("nan")
 

@@ -1,7 +1,7 @@
 """Model loading and per-architecture adapters (plain torch/transformers; no Ray, no boto3)."""
 
-from rayedit.models.adapters import FAMILIES, ModelAdapter, UnsupportedArchitectureError, block_hidden
-from rayedit.models.loading import (
+from .adapters import FAMILIES, ModelAdapter, UnsupportedArchitectureError, block_hidden
+from .loading import (
     LoadedModel,
     ModelLoadError,
     load_model,
@@ -9,7 +9,7 @@ from rayedit.models.loading import (
     weights_fingerprint,
     wrap_model,
 )
-from rayedit.models.tiny import TINY_FAMILIES, build_tiny_model, save_tiny_model, tiny_tokenizer
+from .tiny import TINY_FAMILIES, build_tiny_model, save_tiny_model, tiny_tokenizer
 
 __all__ = [
     "FAMILIES", "ModelAdapter", "UnsupportedArchitectureError", "block_hidden", "LoadedModel", "ModelLoadError",

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rayedit.models.adapters import FAMILIES, ModelAdapter, UnsupportedArchitectureError
+from .adapters import FAMILIES, ModelAdapter, UnsupportedArchitectureError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}

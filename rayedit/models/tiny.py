@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from rayedit.models.loading import LoadedModel, wrap_model
+from .loading import LoadedModel, wrap_model
 
 TINY_FAMILIES = ("gpt2", "gptj", "llama", "mistral", "qwen2", "qwen3")
 BOS_FAMILIES = {"llama", "mistral"}
