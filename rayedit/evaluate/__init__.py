@@ -1,10 +1,10 @@
 """Edit evaluation: batched teacher-forced scoring and versioned metric protocols (no Ray, no boto3).
 
-Typical use::
+Typical use:
 
-    from rayedit.evaluate import evaluate_records, summarize
-    rows = evaluate_records(lm, records, "counterfact", start=0, stop=500)
-    print(summarize(rows)["counterfact-prob/v1"]["score"])
+>>> from rayedit.evaluate import evaluate_records, summarize
+>>> rows = evaluate_records(lm, records, "counterfact", start=0, stop=500)
+>>> print(summarize(rows)["counterfact-prob/v1"]["score"])
 """
 
 from .counterfact import counterfact_prob_rows
