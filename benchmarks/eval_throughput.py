@@ -21,7 +21,6 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -34,22 +33,9 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 from rayedit.data.requests import EditRequest  # noqa: E402
+from rayedit.data.schema import CounterFactRecord  # noqa: E402
 from rayedit.evaluate import TokenScorer, evaluate_records, summarize  # noqa: E402
 from rayedit.evaluate.counterfact import GROUPS, counterfact_prompts, counterfact_targets  # noqa: E402
-
-
-@dataclass
-class SyntheticCounterFact:
-    """Same fields as rayedit.data.schema.CounterFactRecord (duck-typed by the evaluator)."""
-
-    case_id: str
-    request: EditRequest
-    relation_id: str | None
-    paraphrase_prompts: list[str]
-    neighborhood_prompts: list[str]
-    attribute_prompts: list[str] = field(default_factory=list)
-    generation_prompts: list[str] = field(default_factory=list)
-
 
 FIRST = ["Anna", "Boris", "Carla", "David", "Elena", "Farid", "Greta", "Hugo", "Ines", "Jonas", "Kira",
          "Luca"]
@@ -71,7 +57,7 @@ def person(j: int) -> str:
     return f"{FIRST[j % len(FIRST)]} {initials}. {LAST[(j // (len(FIRST) * 676)) % len(LAST)]}"
 
 
-def synthetic_records(n: int) -> list[SyntheticCounterFact]:
+def synthetic_records(n: int) -> list[CounterFactRecord]:
     """CounterFact-shaped records: 1 rewrite prompt, 2 paraphrases, 10 neighbourhood prompts each."""
     out = []
     for i in range(n):
@@ -82,12 +68,12 @@ def synthetic_records(n: int) -> list[SyntheticCounterFact]:
         if new == true:
             new = objects[(objects.index(true) + 1) % len(objects)]
         neighbours = [f"{person(n + 10 * i + k)} {verb}" for k in range(10)]
-        out.append(SyntheticCounterFact(
+        out.append(CounterFactRecord(
             case_id=str(i),
             request=EditRequest(case_id=str(i), prompt=prompt, subject=subject, target_new=new,
                                 target_true=true),
             relation_id=rid, paraphrase_prompts=[p.format(subject) for p in paras],
-            neighborhood_prompts=neighbours))
+            neighborhood_prompts=neighbours, attribute_prompts=[], generation_prompts=[]))
     return out
 
 

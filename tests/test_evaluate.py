@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from rayedit.data.requests import EditRequest
+from rayedit.data.schema import CounterFactRecord, ZsreRecord
 from rayedit.evaluate import (
     COUNTERFACT_PROB,
     EASYEDIT,
@@ -42,29 +42,6 @@ from rayedit.evaluate import (
     to_long_rows,
 )
 from rayedit.models import build_tiny_model
-
-try:  # the loaders' record types, when that module exists; otherwise equivalent local records
-    from rayedit.data.schema import CounterFactRecord, ZsreRecord  # type: ignore[import-not-found]
-except ImportError:
-
-    @dataclass
-    class CounterFactRecord:  # type: ignore[no-redef]
-        case_id: str
-        request: EditRequest
-        relation_id: str | None
-        paraphrase_prompts: list[str]
-        neighborhood_prompts: list[str]
-        attribute_prompts: list[str] = field(default_factory=list)
-        generation_prompts: list[str] = field(default_factory=list)
-
-    @dataclass
-    class ZsreRecord:  # type: ignore[no-redef]
-        case_id: str
-        request: EditRequest
-        rephrase: str
-        loc: str
-        loc_ans: str
-
 
 TOL = 1e-5
 

@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import torch
 
+from ..editing.tokens import chunks_by_tokens
+
 PaddingSide = Literal["right", "left"]
 ContinuationRule = Literal["auto", "direct", "suffix"]
 
@@ -109,21 +111,8 @@ def plan_batches(lengths: Sequence[int], token_budget: int, max_batch_size: int 
     order = list(range(len(lengths)))
     if sort_by_length:
         order.sort(key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    cur_max = 0
-    for i in order:
-        n = lengths[i]
-        new_max = max(cur_max, n)
-        too_many = max_batch_size is not None and len(cur) >= max_batch_size
-        if cur and (too_many or (len(cur) + 1) * new_max > token_budget):
-            batches.append(cur)
-            cur, new_max = [], n
-        cur.append(i)
-        cur_max = new_max
-    if cur:
-        batches.append(cur)
-    return batches
+    chunks = chunks_by_tokens([lengths[i] for i in order], token_budget, max_batch_size)
+    return [[order[j] for j in chunk] for chunk in chunks]
 
 
 class PromptEncoder:
