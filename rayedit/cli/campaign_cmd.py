@@ -1,4 +1,4 @@
-"""Campaign commands: validate, run, resume, status, ls, submit (registered on rayedit.cli.app.app)."""
+"""Campaign commands: validate, run, resume, status, ls, submit, jobs, logs, stop (on rayedit.cli.app.app)."""
 
 from __future__ import annotations
 
@@ -99,15 +99,33 @@ def resume_command(
 
 @app.command("status")
 def status_command(campaign: str = typer.Argument(...), store: str = typer.Option(..., "--store")) -> None:
-    """Per stream: committed steps, last step, edits."""
+    """Per stream: committed/planned steps, evaluation parts; whether the run is going, done or failed."""
+    import time
+
+    from rayedit.runtime import health
     from rayedit.runtime.campaign import print_summary
-    from rayedit.runtime.catalog import campaign_summaries, campaigns
+    from rayedit.runtime.catalog import campaign_summaries, campaigns, read_run_state
     from rayedit.store import open_store
+    from rayedit.store.layout import list_streams
 
     st = open_store(store, create=False)
     if campaign not in campaigns(st):
         _fail(f"no campaign {campaign!r} in {st.uri}")
-    print_summary(campaign, campaign_summaries(st, campaign))
+    state = read_run_state(st, campaign)
+    print_summary(campaign, campaign_summaries(st, campaign), None if state is None else state.get("planned"))
+    if state is None:
+        typer.echo("run state: unknown (no driver has reported; results above are what is committed)")
+        return
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(state.get("updated", 0)))
+    line = f"run state: {state.get('state')} (driver {state.get('host')}:{state.get('pid')}, last report {when})"
+    if state.get("state") == "running" and time.time() - state.get("updated", 0) > 600:
+        line += " — no report for over 10 minutes: the driver may be gone; `rayedit resume` continues it"
+    typer.echo(line)
+    if state.get("error"):
+        typer.echo(f"error: {state['error']}")
+    for sid in list_streams(st, campaign):
+        for e in health.stream_events(st, campaign, sid):
+            typer.echo(f"health: {e.describe()}")
 
 
 @app.command("ls")
@@ -154,7 +172,7 @@ def submit_command(
     job_id = client.submit_job(
         entrypoint=shlex.join(entry),
         runtime_env={"working_dir": str(wd), "env_vars": env,
-                     "excludes": [".venv", ".git", "runs", "**/__pycache__"]},
+                     "excludes": [".venv", ".git", "runs", ".rayedit", "**/__pycache__", "*.egg-info"]},
         metadata={"rayedit_spec": str(rel)},
     )
     typer.echo(f"submitted {job_id} to {address}")
@@ -170,3 +188,60 @@ def submit_command(
         typer.echo(f"job {job_id}: {status}")
         if status != JobStatus.SUCCEEDED:
             raise typer.Exit(1)
+
+
+def _job_client(address: str):
+    import os
+
+    from ray.job_submission import JobSubmissionClient
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # platform-notes §3: clients must match the head
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:  # ConnectionError, auth errors: say where and what, not a traceback
+        _fail(f"cannot reach the Ray job server at {address}: {type(exc).__name__}: {exc}")
+
+
+@app.command("jobs")
+def jobs_command(address: str = typer.Option(..., "--address", help="Ray dashboard, e.g. http://HEAD:8265")) -> None:
+    """List the jobs of a Ray cluster (id, status, spec)."""
+    for job in _job_client(address).list_jobs():
+        spec = (job.metadata or {}).get("rayedit_spec", "-")
+        typer.echo(f"{job.submission_id or job.job_id}\t{job.status}\t{spec}")
+
+
+@app.command("logs")
+def logs_command(
+    job_id: str = typer.Argument(..., help="submission id printed by `rayedit submit`"),
+    address: str = typer.Option(..., "--address", help="Ray dashboard, e.g. http://HEAD:8265"),
+    follow: bool = typer.Option(False, "--follow", "-f", help="keep printing until the job ends"),
+) -> None:
+    """Print the driver log of a submitted campaign."""
+    client = _job_client(address)
+    try:
+        if not follow:
+            typer.echo(client.get_job_logs(job_id), nl=False)
+            return
+        import asyncio
+
+        async def _tail() -> None:
+            async for lines in client.tail_job_logs(job_id):
+                typer.echo(lines, nl=False)
+
+        asyncio.run(_tail())
+    except RuntimeError as exc:  # the SDK raises RuntimeError for unknown ids
+        _fail(f"job {job_id!r} at {address}: {exc}")
+
+
+@app.command("stop")
+def stop_command(
+    job_id: str = typer.Argument(..., help="submission id printed by `rayedit submit`"),
+    address: str = typer.Option(..., "--address", help="Ray dashboard, e.g. http://HEAD:8265"),
+) -> None:
+    """Stop a submitted campaign. Committed steps stay valid: `rayedit resume` continues from them."""
+    client = _job_client(address)
+    try:
+        stopped = client.stop_job(job_id)
+    except RuntimeError as exc:
+        _fail(f"job {job_id!r} at {address}: {exc}")
+    typer.echo(f"job {job_id}: {'stop requested' if stopped else 'already finished'}")

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rayedit.faults import fault_point
 from rayedit.report.curves import CurveSpec, all_curves
 from rayedit.report.load import CampaignData, load_campaign
 from rayedit.report.plots import Figure, colour_key_svg, curve_figure, method_colours, style
@@ -231,6 +232,7 @@ def write_report(rep: Report, store: Store, cids: Sequence[str], out: str | Path
     if out is None:
         prefix = default_location(cids)
         for key, data in files.items():
+            fault_point("report")  # fault matrix (rayedit/faults.py): while the final report is written
             store.put_bytes(f"{prefix}/{key}", data)
         return f"{store.uri.rstrip('/')}/{prefix}"
     if "://" in str(out):

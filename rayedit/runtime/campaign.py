@@ -17,7 +17,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from rayedit.runtime.catalog import StreamSummary, campaign_summaries, freeze_spec, read_frozen_spec
+from rayedit.runtime import health
+from rayedit.runtime.catalog import RunStateWriter, StreamSummary, campaign_summaries, freeze_spec, read_frozen_spec
 from rayedit.runtime.evaluation import EvalShard, plan_shards, run_shard
 from rayedit.runtime.spec import (
     CampaignSpec,
@@ -122,17 +123,22 @@ class Progress:
             self.rich.stop()
 
 
-def print_summary(cid: str, rows: list[StreamSummary]) -> None:
+def print_summary(cid: str, rows: list[StreamSummary], planned: dict[str, dict[str, int]] | None = None) -> None:
+    """The per-stream table; with ``planned`` (from the run state) counts read "done/planned"."""
     from rich.console import Console
     from rich.table import Table
+
+    def of(done: int, sid: str, what: str) -> str:
+        total = (planned or {}).get(sid, {}).get(what)
+        return str(done) if total is None else f"{done}/{total}"
 
     table = Table(title=f"campaign {cid}")
     for col in ("stream", "steps committed", "last step", "edits", "mean target NLL", "seconds", "eval parts"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r.sid, str(r.steps_committed), "-" if r.last_step is None else str(r.last_step), str(r.edits),
-                      "-" if r.mean_target_nll is None else f"{r.mean_target_nll:.3f}", f"{r.seconds:.1f}",
-                      str(r.eval_parts))
+        table.add_row(r.sid, of(r.steps_committed, r.sid, "steps"), "-" if r.last_step is None else str(r.last_step),
+                      str(r.edits), "-" if r.mean_target_nll is None else f"{r.mean_target_nll:.3f}",
+                      f"{r.seconds:.1f}", of(r.eval_parts, r.sid, "eval_parts"))
     Console(width=None if sys.stdout.isatty() else 140).print(table)  # logs: do not wrap at 80
 
 
@@ -222,16 +228,47 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
              for _, job, _ in jobs}
     records = {job.sid: recs for _, job, recs in jobs}
     sched = _Scheduler()
+    # evaluation shards still to run per (stream, step): when one reaches 0 the step's health is checked
+    eval_left: dict[tuple[str, int], int] = defaultdict(int)
     for mi, job, _ in jobs:
         last = last_committed_step(store, cid, job.sid)
+        stop = health.stopped_at(store, cid, job.sid) if spec.health is not None else None
+        if stop is not None:  # its health policy stopped it in an earlier run: it stays stopped
+            limit[job.sid] = 0 if last is None else last + 1
+            log.warning("%s (earlier run)", stop.describe())
         if last is None or last + 1 < limit[job.sid]:  # finished streams need no replica (and no Ray)
             sched.streams[mi].append(job)
-        sched.push_evals(mi, missing_shards(spec, store, job, kinds[job.sid], last))
+        shards = missing_shards(spec, store, job, kinds[job.sid], last)
+        for sh in shards:
+            eval_left[(sh.sid, sh.step)] += 1
+        sched.push_evals(mi, shards)
     if not any(sched.streams.values()) and not any(sched.evals.values()):
         log.info("campaign %s: every stream and evaluation is already complete", cid)
         return campaign_summaries(store, cid)
-    started = init_ray(address)
+    planned = {job.sid: {"steps": job.n_steps, "eval_parts": sum(
+        len(plan_shards(spec, job.sid, t, kinds[job.sid], {})) for t in spec.eval_steps())} for _, job, _ in jobs}
+    state = RunStateWriter(store, cid, planned)
+    events: list[health.HealthEvent] = []
+
+    def on_health(found: list[health.HealthEvent]) -> None:
+        for e in health.record(store, cid, found):
+            events.append(e)
+            log.warning("%s", e.describe())
+            if bar is not None:
+                bar.note(f"health: {e.describe()}")
+            if e.action == "stop":  # no new step for this stream; the one in flight still commits
+                limit[e.sid] = min(limit[e.sid], next_step.get(e.sid, e.step + 1))
+        if found:
+            state.write(force=True, health={e.sid: health.summary([x for x in events if x.sid == e.sid])
+                                            for e in events})
+
+    next_step: dict[str, int] = {}
     bar: Progress | None = None
+    try:
+        started = init_ray(address)
+    except BaseException as exc:
+        state.write(force=True, state="failed", error=f"Ray: {type(exc).__name__}: {exc}")
+        raise
     actors: list[tuple[int, Any]] = []
     try:
         Replica = _replica_class()
@@ -280,7 +317,6 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
                 return
             idle.add(actor)
 
-        next_step: dict[str, int] = {}
         for mi, actor in actors:
             dispatch(actor, mi)
         while pending:
@@ -294,6 +330,10 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
                     on_eval_done(sh, int(result))
                 if progress:
                     bar.note(f"{sh.sid}: eval step {sh.step} {sh.suite} shard {sh.shard} ({result} rows)")
+                eval_left[(sh.sid, sh.step)] -= 1
+                if eval_left[(sh.sid, sh.step)] == 0:
+                    on_health(health.check_eval(spec, store, sh.sid, sh.step))
+                state.write()
                 dispatch(actor, mi, next_step.get(sched.owner[actor].sid) if sched.owner[actor] else None)
                 continue
             job = item
@@ -308,13 +348,28 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
                 nll = "" if rep.mean_target_nll is None else f"target NLL {rep.mean_target_nll:.3f}"
                 bar.update(job.sid, nxt, f"{rep.edits} edits {rep.seconds:.1f}s {nll}")
                 new = plan_shards(spec, job.sid, rep.step, kinds[job.sid], _columns(job))
+                for sh in new:
+                    if sh.key not in sched.queued:
+                        eval_left[(sh.sid, sh.step)] += 1
                 sched.push_evals(mi, new)
+                next_step[job.sid] = nxt
+                on_health(health.check_step(spec.health, job.sid, rep.step, rep.max_weight_growth,
+                                            rep.max_condition_number))
+                state.write()
                 for m2, a2 in actors:  # wake idle replicas of this model for the new shards
                     if new and m2 == mi and a2 in idle and sched.evals[mi]:
                         idle.discard(a2)
                         eval_on(a2, mi)
             next_step[job.sid] = nxt
             dispatch(actor, mi, nxt)
+    except KeyboardInterrupt:
+        state.write(force=True, state="stopped", error="interrupted (KeyboardInterrupt / SIGINT)")
+        raise
+    except BaseException as exc:
+        state.write(force=True, state="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+        raise
+    else:
+        state.write(force=True, state="finished")
     finally:
         if bar is not None:
             bar.close()

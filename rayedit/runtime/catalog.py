@@ -86,3 +86,60 @@ def stream_summary(store: Store, cid: str, sid: str) -> StreamSummary:
 
 def campaign_summaries(store: Store, cid: str) -> list[StreamSummary]:
     return [stream_summary(store, cid, sid) for sid in list_streams(store, cid)]
+
+
+# --- run state: what the driver is doing (informational; never part of the commit protocol) -------------
+def run_state_key(cid: str) -> str:
+    from rayedit.store.layout import campaign_prefix
+
+    return f"{campaign_prefix(cid)}/run.json"
+
+
+class RunStateWriter:
+    """The driver's heartbeat in the store: running / finished / failed / stopped, with planned totals.
+
+    ``rayedit status`` reads it to say whether a campaign is running, done or failed (and why) — the
+    committed markers alone cannot tell a running campaign from a dead driver. Writes are throttled
+    (one object overwrite per ``every_s`` at most) except state changes, which are written at once.
+    """
+
+    def __init__(self, store: Store, cid: str, planned: dict[str, dict[str, int]], every_s: float = 5.0) -> None:
+        import os
+        import socket
+        import time
+
+        self.store, self.cid, self.every_s = store, cid, every_s
+        self.doc: dict = {"state": "running", "started": time.time(), "updated": time.time(),
+                          "host": socket.gethostname(), "pid": os.getpid(), "planned": planned, "error": None,
+                          "health": {}}
+        self._last = 0.0
+        self.write(force=True)
+
+    def write(self, force: bool = False, **changes) -> None:
+        import json
+        import time
+
+        self.doc.update(changes)
+        now = time.time()
+        if not force and now - self._last < self.every_s:
+            return
+        self.doc["updated"] = now
+        try:
+            self.store.put_bytes(run_state_key(self.cid), json.dumps(self.doc, sort_keys=True).encode())
+            self._last = now
+        except Exception as exc:  # a heartbeat must never fail the campaign
+            import logging
+
+            logging.getLogger(__name__).warning("run state not written: %s", exc)
+
+
+def read_run_state(store: Store, cid: str) -> dict | None:
+    import json
+
+    key = run_state_key(cid)
+    if not store.exists(key):
+        return None
+    try:
+        return json.loads(store.get_bytes(key))
+    except ValueError:
+        return None

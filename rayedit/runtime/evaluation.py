@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from rayedit.faults import fault_point
 from rayedit.runtime.spec import CampaignSpec
 
 # test-only fault injection: seconds a replica sleeps inside a shard (so a test can kill it mid-shard)
@@ -90,6 +91,7 @@ def run_shard(runner: Any, shard: EvalShard, records: list[dict[str, Any]]) -> i
                  "n_edited": shard.n_edited, "suite": shard.suite, "scope": shard.scope, "shard": shard.shard}
         rows = evaluate_records(runner.lm, recs, shard.suite, start=shard.start, stop=shard.stop,
                                 keep_raw=shard.keep_raw, extra_columns=extra)
+        fault_point("eval-shard")  # fault matrix (rayedit/faults.py): inside an evaluation shard
         delay = float(os.environ.get(FAULT_SLEEP_ENV, "0") or 0)
         if delay:
             time.sleep(delay)

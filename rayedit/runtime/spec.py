@@ -173,6 +173,27 @@ class EvaluationSpec(_Strict):
         return v
 
 
+# per suite: the evaluation metric that health.min_efficacy reads (a per-record success in [0, 1])
+EFFICACY_METRIC = {"counterfact": "efficacy_success", "zsre": "efficacy", "easyedit": "reliability"}
+
+
+class HealthSpec(_Strict):
+    """When a stream is unhealthy, and what then: ``stop`` ends the stream after its current step (resume
+    keeps it stopped), ``flag`` records the event and goes on. Bounds left out are not checked.
+
+    Weight bounds are checked after every committed step (from the step's diagnostics); efficacy and
+    fluency after every completed evaluation of a step (all its shards), from the committed parts.
+    """
+
+    action: Literal["stop", "flag"] = "flag"
+    max_weight_growth: float | None = Field(None, gt=1.0, description="‖W_t‖_F / ‖W_0‖_F of any edited matrix")
+    max_condition_number: float | None = Field(None, gt=1.0, description="cond(W_t) of any edited matrix")
+    min_efficacy: float | None = Field(None, ge=0.0, le=1.0,
+                                       description="mean efficacy success of a step's evaluation (counterfact, "
+                                                   "zsre, easyedit suites)")
+    min_fluency: float | None = Field(None, ge=0.0, description="mean generation fluency (n-gram entropy, bits)")
+
+
 class CampaignSpec(_Strict):
     name: str = Field(min_length=1)
     mode: Mode
@@ -187,6 +208,7 @@ class CampaignSpec(_Strict):
     stats_corpus: str = "builtin:general"
     stats_samples: int | None = Field(None, ge=1)  # default for mom2_n_samples unless a method overrides it
     evaluation: EvaluationSpec | None = None
+    health: HealthSpec | None = None
 
     @field_validator("name")
     @classmethod
@@ -239,6 +261,19 @@ class CampaignSpec(_Strict):
                                     f"records, datasets.{di} is kind {d.kind!r}")
         if problems:
             raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _health(self) -> CampaignSpec:
+        h, ev = self.health, self.evaluation
+        if h is None:
+            return self
+        suites = set(ev.suites) if ev is not None else set()
+        if h.min_efficacy is not None and not suites & set(EFFICACY_METRIC):
+            raise ValueError("health.min_efficacy needs an evaluation schedule with a counterfact, zsre or "
+                             "easyedit suite")
+        if h.min_fluency is not None and "generation" not in suites:
+            raise ValueError("health.min_fluency needs the 'generation' evaluation suite")
         return self
 
     def steps_per_stream(self) -> int:
@@ -515,10 +550,13 @@ def deep_check(spec: CampaignSpec, base_dir: Path | None = None, notes: list[str
                 if spec.stats_samples is not None and meth.name != "ft":
                     hp = {"mom2_n_samples": spec.stats_samples} | hp
                 try:
-                    resolve_hparams(meth.name, model_id(m.name), shape[0], hp, d_ff=shape[1])
+                    resolved = resolve_hparams(meth.name, model_id(m.name), shape[0], hp, d_ff=shape[1])
                 except ValueError as exc:
                     where = f"methods.{ji}.{'grid' if meth.grid else 'hparams'}"
                     problems.append(f"{where}: {exc} (model {m.name}, {label})")
+                    continue
+                if meth.name == "same" and mi == 0:
+                    problems += _safety_prompt_problems(f"methods.{ji}.hparams", resolved, base_dir)
     for di, d in enumerate(spec.datasets):
         if d.kind in TOYWORLD_FILES:
             try:
@@ -548,3 +586,15 @@ def deep_check(spec: CampaignSpec, base_dir: Path | None = None, notes: list[str
             problems.append(f"edits_per_stream: {spec.edits_per_stream} edits asked, but datasets.{di} "
                             f"({d.path}) has only {len(reqs)} requests")
     return problems
+
+
+def _safety_prompt_problems(where: str, hp: Any, base_dir: Path | None) -> list[str]:
+    """SAME's prompt files must exist before any replica starts (they are read at the stream's first step)."""
+    out = []
+    for field in ("safety_malicious", "safety_benign"):
+        src = getattr(hp, field, None)
+        if field == "safety_malicious" and not src:
+            out.append(f"{where}.safety_malicious: SAME needs a malicious-query file (JSONL with 'prompt' per line)")
+        elif src and src != "builtin:general" and not resolve_data_path(str(src), base_dir).is_file():
+            out.append(f"{where}.{field}: file not found: {src}")
+    return out

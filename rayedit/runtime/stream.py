@@ -18,6 +18,7 @@ import torch
 
 from rayedit.data.requests import EditRequest
 from rayedit.editing import Editor, apply_weights
+from rayedit.faults import fault_point
 from rayedit.store import Store, StoreBlobCache, commit_step, read_committed_step
 from rayedit.store.formats import encode_parquet, encode_tensors
 from rayedit.store.layout import DELTA, EDITS, last_committed_step
@@ -73,6 +74,8 @@ class StepReport:
     committed: bool
     seconds: float
     mean_target_nll: float | None
+    max_weight_growth: float | None = None  # max over the step's edited matrices of ‖W_t‖_F / ‖W_0‖_F
+    max_condition_number: float | None = None
 
 
 class StreamRunner:
@@ -89,6 +92,7 @@ class StreamRunner:
         self._fresh_state: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None
         self._weights_cache: tuple[tuple[str, str, int], dict[str, torch.Tensor]] | None = None
         self._loc_cache: Any = None
+        self._base_fro: dict[int, float] = {}
 
     # -- evaluation support: swap a committed step's tensors in and out ---------------------------------
     def step_weights(self, cid: str, sid: str, step: int) -> dict[str, torch.Tensor]:
@@ -187,7 +191,11 @@ class StreamRunner:
             # process has run before (resume = uninterrupted, bitwise).
             torch.manual_seed(job.seed * 1_000_003 + b)
             res = editor.apply(self._batch(b))
+            fault_point("editing")  # fault matrix (rayedit/faults.py): inside a step, before its commit
             diag = layer_columns(res)
+            growth = self._weight_growth(res.layers, diag.get("weight_fro_by_layer"))
+            if growth is not None:
+                diag["weight_growth_by_layer"] = growth
             for r in res.rows:
                 rows.append({"campaign": job.cid, "stream": job.sid, "model": job.model, "method": job.method,
                              "method_label": job.method_label, "dataset": job.dataset, "seed": job.seed,
@@ -205,7 +213,29 @@ class StreamRunner:
         self.next_step = step + 1
         nll = [float(r["target_nll"]) for r in rows if r.get("target_nll") is not None]
         return StepReport(job.sid, step, job.n_steps, len(rows), committed, time.perf_counter() - t0,
-                          sum(nll) / len(nll) if nll else None)
+                          sum(nll) / len(nll) if nll else None,
+                          _max_of(rows, "weight_growth_by_layer"), _max_of(rows, "weight_cond_by_layer"))
+
+    def _weight_growth(self, layers: list[int], fro: list[float | None] | None) -> list[float | None] | None:
+        """‖W_t‖_F / ‖W_0‖_F per edited layer, against this replica's pristine copy (health bounds)."""
+        if not fro:
+            return None
+        ad = self.lm.adapter
+        out: list[float | None] = []
+        for layer, f in zip(layers, fro, strict=True):
+            base = self.base.get(ad.weight_name(layer))
+            if f is None or base is None:
+                out.append(None)
+                continue
+            if layer not in self._base_fro:
+                self._base_fro[layer] = float(base.float().norm())
+            out.append(f / self._base_fro[layer] if self._base_fro[layer] > 0 else None)
+        return out
+
+
+def _max_of(rows: list[dict[str, Any]], column: str) -> float | None:
+    vals = [v for r in rows for v in (r.get(column) or []) if v is not None]
+    return max(vals) if vals else None
 
 
 DIAG_KEYS = ("weight_fro", "weight_cond", "weight_sigma_max", "weight_sigma_min", "update_fro", "resid_norm",
