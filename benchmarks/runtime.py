@@ -79,6 +79,7 @@ def delta_sizes(work: Path) -> None:
 
     from rayedit.data.loaders import load_counterfact
     from rayedit.models import build_tiny_model
+    from rayedit.runtime.checkpoint import KEYS
     from rayedit.runtime.stream import STATE_PREFIX, StreamJob, StreamRunner
     from rayedit.store import open_store, read_committed_step
     from rayedit.store.formats import encode_tensors
@@ -94,16 +95,21 @@ def delta_sizes(work: Path) -> None:
         runner = StreamRunner(lm, store)
         hp = {**FAST, **({"mom2_update_weight": 100} if method == "memit" else {})}
         job = StreamJob("size", "s", "tiny:llama", method, method, hp, "cf", 0, "sequential_batches", 4, 1,
-                        "builtin:general", [r.request.model_dump() for r in recs[:4]])
+                        "builtin:general", [r.request.model_dump() for r in recs[:8]])
         runner.open(job)
         runner.step()
-        blob = store.get_bytes(f"campaigns/size/streams/s/steps/000000/{DELTA}")
-        tensors, _ = read_committed_step(store, "size", "s", 0, [DELTA]).tensors(DELTA)
+        runner.step()  # step 1: a steady-state step (constants were written with step 0)
+        blob = store.get_bytes(f"campaigns/size/streams/s/steps/000001/{DELTA}")
+        keys_key = f"campaigns/size/streams/s/steps/000001/{KEYS}"
+        keys_bytes = len(store.get_bytes(keys_key)) if store.exists(keys_key) else 0
+        once = sum(store.list_sizes("campaigns/size/streams/s/state").values())
+        tensors, _ = read_committed_step(store, "size", "s", 1, [DELTA]).tensors(DELTA)
         w = {k: t for k, t in tensors.items() if not k.startswith(STATE_PREFIX)}
         st = {k: t for k, t in tensors.items() if k.startswith(STATE_PREFIX)}
         layers = len(w)
-        print(f"[size] tiny llama ({method}, {layers} edited layers): delta.safetensors {len(blob) / 1e3:.1f} kB "
-              f"/ full model {full / 1e6:.2f} MB = {len(blob) / full:.4f}")
+        print(f"[size] tiny llama ({method}, {layers} edited layers): per step delta.safetensors "
+              f"{len(blob) / 1e3:.1f} kB + keys {keys_bytes / 1e3:.1f} kB / full model {full / 1e6:.2f} MB = "
+              f"{(len(blob) + keys_bytes) / full:.4f}; once per stream (P, …) {once / 1e3:.1f} kB = {once / full:.4f}")
 
         def llama_numel(t: torch.Tensor) -> int:
             n = 1
@@ -114,10 +120,15 @@ def delta_sizes(work: Path) -> None:
         scale = 5 / max(1, layers)  # 5 edited layers
         wbytes = scale * sum(llama_numel(t) * LLAMA["bytes"] for t in w.values())
         sbytes = scale * sum(llama_numel(t) * t.element_size() for t in st.values())
+        # C_p as keys: d_ff × batch fp32 per layer, for a batch of 100 edits (the 2,000-edit job's batch)
+        kbytes = 5 * LLAMA["d_ff"] * 100 * 4 if keys_bytes else 0
+        onebytes = 5 * LLAMA["d_ff"] ** 2 * 4 if once else 0  # P per layer, fp32, written once per stream
         lf = llama_full_bytes()
         print(f"[size] Llama-3-8B-shaped ({method}, 5 layers, bf16 weights): edited weights {wbytes / 1e9:.3f} GB "
-              f"/ full {lf / 1e9:.2f} GB = {wbytes / lf:.4f}; with editor state ({sbytes / 1e9:.3f} GB, fp32) "
-              f"= {(wbytes + sbytes) / lf:.4f}")
+              f"/ full {lf / 1e9:.2f} GB = {wbytes / lf:.4f}; per step with editor state (inline "
+              f"{sbytes / 1e9:.3f} GB + keys {kbytes / 1e9:.3f} GB at batch 100) = "
+              f"{(wbytes + sbytes + kbytes) / lf:.4f}"
+              f"; once per stream {onebytes / 1e9:.2f} GB")
         lm = build_tiny_model("llama")  # fresh base for the next method
 
 
@@ -192,12 +203,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", type=int, default=48)
     ap.add_argument("--kill-trials", type=int, default=0)
+    ap.add_argument("--only-sizes", action="store_true", help="just the checkpoint sizes (no Ray)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="rayedit-bench-") as tmp:
         work = Path(tmp)
         (work / "cf.json").write_text(json.dumps(counterfact_records(args.records)))
         (work / "spec.yaml").write_text(yaml.safe_dump(spec_dict(work / "cf.json", "bench", 2, args.records)))
         delta_sizes(work)
+        if args.only_sizes:
+            return
         resume_overhead(work)
         eval_scaling(work, args.records)
     if args.kill_trials:

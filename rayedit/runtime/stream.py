@@ -19,6 +19,7 @@ import torch
 from rayedit.data.requests import EditRequest
 from rayedit.editing import Editor, apply_weights
 from rayedit.faults import fault_point
+from rayedit.runtime.checkpoint import KEYS, LAYOUT_META, StateCodec
 from rayedit.store import Store, StoreBlobCache, commit_step, read_committed_step
 from rayedit.store.formats import encode_parquet, encode_tensors
 from rayedit.store.layout import DELTA, EDITS, last_committed_step
@@ -147,6 +148,8 @@ class StreamRunner:
         self.editor = Editor(self.lm, job.method, job.hparams, stats_cache=self.cache, stats_corpus=job.stats_corpus)
         self._remember_base(self.editor)
         self._fresh_state = None
+        # 'single' resets the state every edit: nothing accumulates, so C_p is never rebuilt from keys
+        self.codec = StateCodec(self.store, job.cid, job.sid, use_keys=job.mode != "single")
         last = last_committed_step(self.store, job.cid, job.sid)
         self.next_step = 0 if last is None else last + 1
         if last is not None and self.next_step < job.n_steps:
@@ -155,6 +158,7 @@ class StreamRunner:
             state = {k[len(STATE_PREFIX):]: v for k, v in tensors.items() if k.startswith(STATE_PREFIX)}
             if job.mode != "single":  # 'single' edits always start from the base model
                 apply_weights(self.lm, weights)
+                state = self.codec.decode(last, state, meta)
                 self.editor.load_state_dict(state, meta, origin=f"{job.sid} step {last}")
         return self.next_step
 
@@ -183,7 +187,11 @@ class StreamRunner:
             raise RuntimeError(f"stream {job.sid} is complete ({job.n_steps} steps)")
         t0 = time.perf_counter()
         rows: list[dict[str, Any]] = []
+        batch_keys: list[tuple[int, dict[int, torch.Tensor]]] = []
         first = step * job.checkpoint_every
+        if step == 0 and job.mode != "single":  # C_p as the stream starts (SAME seeds it with safety keys)
+            editor.prepare()
+            self.codec.start(editor.state_dict()[0])
         for b in range(first, min(first + job.checkpoint_every, job.n_batches)):
             if job.mode == "single":
                 self._reset_for_single()
@@ -191,6 +199,7 @@ class StreamRunner:
             # process has run before (resume = uninterrupted, bitwise).
             torch.manual_seed(job.seed * 1_000_003 + b)
             res = editor.apply(self._batch(b))
+            batch_keys.append((b, res.cache_keys))
             fault_point("editing")  # fault matrix (rayedit/faults.py): inside a step, before its commit
             diag = layer_columns(res)
             growth = self._weight_growth(res.layers, diag.get("weight_fro_by_layer"))
@@ -204,8 +213,12 @@ class StreamRunner:
                              "peak_memory_mb": peak_memory_mb()})
         tensors = editor.edited_weights()
         state, meta = editor.state_dict()
-        tensors |= {STATE_PREFIX + k: v for k, v in state.items()}
-        files = {DELTA: encode_tensors(tensors, meta), EDITS: encode_parquet(pa.Table.from_pylist(rows))}
+        inline, keys, layout = self.codec.encode(step, state, batch_keys)  # big state → blobs, C_p → keys
+        tensors |= {STATE_PREFIX + k: v for k, v in inline.items()}
+        files = {DELTA: encode_tensors(tensors, meta | {LAYOUT_META: layout}),
+                 EDITS: encode_parquet(pa.Table.from_pylist(rows))}
+        if keys:
+            files[KEYS] = encode_tensors(keys)
         committed = commit_step(self.store, job.cid, job.sid, step, files,
                                 {"edits": len(rows), "mode": job.mode, "batches": sorted({r["batch"] for r in rows})})
         if not committed:
