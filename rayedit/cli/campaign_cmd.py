@@ -76,6 +76,25 @@ def run_command(
         _fail(str(exc))
 
 
+@app.command("stats")
+def stats_command(
+    spec: Path = typer.Argument(..., help="campaign spec (YAML)"),
+    store: str | None = typer.Option(None, "--store", help="store URI (default: the spec's `store`)"),
+    address: str | None = typer.Option(None, "--address", help="Ray address (default: start a local Ray)"),
+) -> None:
+    """Compute (and cache in the store) the covariance statistics a campaign needs, and nothing else."""
+    from rayedit.runtime.campaign import stats_campaign
+    from rayedit.runtime.spec import SpecError
+
+    try:
+        stats_campaign(spec, store, address)
+    except SpecError as exc:
+        for p in exc.problems:
+            typer.echo(p, err=True)
+        raise typer.Exit(2) from None
+    typer.echo("statistics: every covariance the campaign needs is in the store's cache")
+
+
 @app.command("resume")
 def resume_command(
     campaign: str = typer.Argument(..., help="campaign id"),

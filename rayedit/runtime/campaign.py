@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rayedit.runtime import health
+from rayedit.runtime import stats as stats_stage
 from rayedit.runtime.catalog import RunStateWriter, StreamSummary, campaign_summaries, freeze_spec, read_frozen_spec
 from rayedit.runtime.evaluation import EvalShard, plan_shards, run_shard
 from rayedit.runtime.spec import (
@@ -76,6 +77,16 @@ class ModelReplica:
 
     def evaluate(self, shard: EvalShard, records: list[dict[str, Any]]) -> int:
         return run_shard(self.runner, shard, records)
+
+    # the statistics stage (rayedit.runtime.stats)
+    def stats_plan(self, mi: int, method: str, hparams: dict[str, Any], corpus: str):
+        return stats_stage.plan_on_replica(self.runner, mi, method, hparams, corpus)
+
+    def stats_shard(self, group, shard: int, start: int, stop: int) -> bool:
+        return stats_stage.shard_on_replica(self.runner, group, shard, start, stop)
+
+    def stats_reduce(self, group) -> None:
+        stats_stage.reduce_on_replica(self.runner, group)
 
 
 def _replica_class():
@@ -175,6 +186,11 @@ def missing_shards(spec: CampaignSpec, store: Store, job: StreamJob, record_kind
     return out
 
 
+class _NoState:
+    def write(self, force: bool = False, **changes: Any) -> None:
+        pass
+
+
 class _Scheduler:
     """Per model: a queue of streams and a queue of evaluation shards, served by that model's replicas.
 
@@ -205,7 +221,7 @@ class _Scheduler:
 
 
 def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, address: str | None = None,
-            max_steps: int | None = None, progress: bool = True,
+            max_steps: int | None = None, progress: bool = True, stats_only: bool = False,
             on_step: Callable[[StepReport], None] | None = None,
             on_eval_dispatch: Callable[[Any, EvalShard], None] | None = None,
             on_eval_done: Callable[[EvalShard, int], None] | None = None,
@@ -213,6 +229,7 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
     """Run (or resume) every stream of a validated spec on Ray, with its evaluation schedule.
 
     ``max_steps`` stops each stream once it has that many committed steps (tests: interruption).
+    ``stats_only`` runs only the statistics stage (``rayedit stats``).
     ``on_eval_dispatch``/``on_eval_done``/``actor_env`` are hooks for fault-injection tests and benchmarks.
     """
     import ray
@@ -221,7 +238,8 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
     if problems:
         raise SpecError(problems)
     cid = spec.campaign_id
-    freeze_spec(store, spec)
+    if not stats_only:  # statistics may be computed ahead of a campaign whose spec is still changing
+        freeze_spec(store, spec)
     jobs = build_jobs(spec, base_dir)
     limit = {job.sid: job.n_steps if max_steps is None else min(job.n_steps, max_steps) for _, job, _ in jobs}
     kinds = {job.sid: spec.datasets[next(s.dataset_index for s in streams(spec) if s.sid == job.sid)].record_kind
@@ -238,6 +256,8 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
             log.warning("%s (earlier run)", stop.describe())
         if last is None or last + 1 < limit[job.sid]:  # finished streams need no replica (and no Ray)
             sched.streams[mi].append(job)
+        if stats_only:
+            continue
         shards = missing_shards(spec, store, job, kinds[job.sid], last)
         for sh in shards:
             eval_left[(sh.sid, sh.step)] += 1
@@ -247,7 +267,7 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
         return campaign_summaries(store, cid)
     planned = {job.sid: {"steps": job.n_steps, "eval_parts": sum(
         len(plan_shards(spec, job.sid, t, kinds[job.sid], {})) for t in spec.eval_steps())} for _, job, _ in jobs}
-    state = RunStateWriter(store, cid, planned)
+    state = RunStateWriter(store, cid, planned) if not stats_only else _NoState()
     events: list[health.HealthEvent] = []
 
     def on_health(found: list[health.HealthEvent]) -> None:
@@ -277,7 +297,7 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
         for mi in sorted(set(sched.streams) | set(sched.evals)):
             m = spec.models[mi]
             # with an evaluation schedule every replica is useful (spares evaluate); else one per stream
-            n = m.replicas if spec.evaluation is not None else min(m.replicas, len(sched.streams[mi]))
+            n = m.replicas if spec.evaluation is not None or stats_only else min(m.replicas, len(sched.streams[mi]))
             for _ in range(max(1, n)):
                 opts: dict[str, Any] = {"num_cpus": m.cpus_per_replica, "num_gpus": m.gpus_per_replica}
                 if actor_env:
@@ -285,6 +305,14 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
                 a = Replica.options(**opts).remote(m.name, m.dtype, store_args)
                 actors.append((mi, a))
                 sched.owner[a] = None
+        # statistics first: computed once per (model, layer, corpus), sharded over the model's replicas
+        stat_actors = [(mi, a) for mi, a in actors if sched.streams[mi]]
+        if stat_actors:
+            computed = stats_stage.run_stage(spec, store, stat_actors, note=bar.note if progress else None)
+            if computed:
+                bar.note(f"statistics: {computed} layer statistic(s) computed and cached in the store")
+        if stats_only:
+            sched.streams.clear()
         rec_refs: dict[str, Any] = {}  # each stream's records go to the object store once, not per shard
         pending: dict[Any, tuple[Any, int, Any, str]] = {}  # ref → (actor, model, job | shard, kind)
         idle: set[Any] = set()
@@ -390,6 +418,15 @@ def run_campaign(spec_path: str | Path, store_uri: str | None = None, address: s
     if summary:
         print_summary(spec.campaign_id, out)
     return out
+
+
+def stats_campaign(spec_path: str | Path, store_uri: str | None = None, address: str | None = None, *,
+                   progress: bool = True) -> None:
+    """``rayedit stats``: only the statistics stage of a campaign (its spec is not frozen by this)."""
+    spec = load_spec(spec_path)
+    store = open_store(store_uri or spec.store)
+    execute(spec, store, base_dir=Path(spec_path).resolve().parent, address=address, progress=progress,
+            stats_only=True)
 
 
 def resume_campaign(cid: str, store_uri: str, address: str | None = None, *, max_steps: int | None = None,
