@@ -113,7 +113,8 @@ def _file_corpus(path: Path) -> Corpus:
 
 
 def resolve_corpus(spec: str | None) -> Corpus:
-    """``builtin:general`` | a local .txt/.jsonl/.parquet | ``hf:NAME[:CONFIG][@REVISION]`` | ``wikitext`` | ``auto``.
+    """``builtin:general`` | ``toyworld:<seed>`` | a local .txt/.jsonl/.parquet | ``hf:NAME[:CONFIG][@REVISION]`` |
+    ``wikitext`` | ``auto``.
 
     ``auto`` is wikitext-103 unless the hub is offline, then the builtin corpus (with a warning).
     """
@@ -130,6 +131,14 @@ def resolve_corpus(spec: str | None) -> Corpus:
         texts = builtin_texts()
         digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
         return Corpus(id="builtin:general", revision=f"sha256:{digest}", load=lambda: texts)
+    if spec.startswith("toyworld:"):  # the toy world's general corpus (rayedit.data.toyworld)
+        from ..data.toyworld import ensure_toyworld
+
+        tail = spec.split(":", 1)[1] or "0"
+        if not tail.isdigit():
+            raise StatsError(f"stats corpus {spec!r}: expected toyworld:<seed>")
+        world = _file_corpus(ensure_toyworld(seed=int(tail)).root / "corpus.jsonl")
+        return Corpus(id=f"toyworld:{int(tail)}", revision=world.revision, load=world.load)
     if spec == "wikitext":
         spec = f"hf:{WIKITEXT[0]}:{WIKITEXT[1]}"
     if spec.startswith("hf:"):
