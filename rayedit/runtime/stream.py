@@ -29,14 +29,27 @@ log = logging.getLogger(__name__)
 STATE_PREFIX = "state."
 
 
+def placement() -> dict[str, Any]:
+    """Where this process's model goes: the GPUs Ray gave the actor (CUDA_VISIBLE_DEVICES), else CPU.
+    One GPU: the whole model on it; several: sharded across them with ``device_map="auto"``."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n > 1:
+        return {"device_map": "auto"}
+    return {"device": "cuda"} if n == 1 else {}
+
+
 def load_lm(name: str, dtype: str = "float32"):
     """``tiny:<family>`` builds a random tiny model offline; anything else goes to ``load_model``."""
     from rayedit.models import build_tiny_model, load_model
     from rayedit.runtime.spec import model_path
 
+    where = placement()
     if name.startswith("tiny:"):
-        return build_tiny_model(name.split(":", 1)[1])
-    return load_model(model_path(name), dtype=dtype)
+        lm = build_tiny_model(name.split(":", 1)[1])
+        if where.get("device"):
+            lm.model.to(where["device"])
+        return lm
+    return load_model(model_path(name), dtype=dtype, **where)
 
 
 @dataclass
