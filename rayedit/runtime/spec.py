@@ -138,7 +138,13 @@ class DatasetSpec(_Strict):
         if isinstance(v, int) and v < 0:
             raise ValueError("toyworld_seed must be >= 0 or 'model'")
         return v
-    zsre_target: Literal["answers0", "alt"] = "answers0"
+    zsre_target: Literal["answers0", "alt"] | None = Field(
+        None, description="ZsRE edit target: answers[0] (default, as the MEMIT/AlphaEdit loaders) or alt; "
+                          "toyworld-zsre defaults to alt (its answers[0] is the fact the model already knows)")
+
+    @property
+    def zsre_target_effective(self) -> str:
+        return self.zsre_target or ("alt" if self.kind == "toyworld-zsre" else "answers0")
 
     @model_validator(mode="after")
     def _path(self) -> DatasetSpec:
@@ -540,7 +546,7 @@ def read_records(d: DatasetSpec, base_dir: Path | None = None, model: str | None
     from rayedit.data.loaders import load_dataset_records
     from rayedit.data.schema import DatasetError, DatasetValidationError
 
-    opts = {"zsre_target": d.zsre_target} if d.record_kind == "zsre" else {}
+    opts = {"zsre_target": d.zsre_target_effective} if d.record_kind == "zsre" else {}
     try:
         return list(load_dataset_records(d.record_kind, str(src), limit=d.limit, **opts))
     except DatasetValidationError as exc:
