@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -46,17 +47,13 @@ def _pids_with(marker: str) -> list[int]:
 def _kill_tree(root_pid: int, marker: str) -> None:
     """Stop only the Ray processes this test started (`ray stop` would kill every Ray of the user): the
     `ray start --block` process group, then any process still carrying our temp dir on its command line."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(root_pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
     deadline = time.monotonic() + 20
     while (pids := _pids_with(marker)) and time.monotonic() < deadline:
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         time.sleep(0.2)  # let the kernel reap before looking again
 
 

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "rayedit"
-LOW_LAYERS = ("editing", "evaluate", "models", "data")
+LOW_LAYERS = ("editing", "evaluate", "models", "data", "locate")
 
 
 def _py_files(base: Path) -> list[Path]:

@@ -1,4 +1,5 @@
-"""`rayedit edit` (one edit, before/after probabilities) and `rayedit models tiny`."""
+"""`rayedit edit` (one edit, before/after probabilities; ``--preset FILE`` from `rayedit presets`) and
+`rayedit models tiny`."""
 
 from __future__ import annotations
 
@@ -53,8 +54,12 @@ def target_probability(lm, prompt_text: str, target: str) -> float:
 
 @app.command("edit")
 def edit_command(
-    model: str = typer.Option(..., "--model", help="HF hub name or local folder"),
-    method: str = typer.Option("memit", "--method", help="rome | memit | alphaedit | ft"),
+    model: str | None = typer.Option(None, "--model", help="HF hub name, local folder, toyworld:<seed> or "
+                                                          "tiny:<family> (default: the preset's model)"),
+    method: str | None = typer.Option(None, "--method", help="rome | memit | alphaedit | ft | ... (default: the "
+                                                            "preset's method, else memit)"),
+    preset: Path | None = typer.Option(None, "--preset", help="preset file (`rayedit presets suggest|rank`): "
+                                                              "method, hyperparameters, statistics corpus"),
     prompt: str = typer.Option(..., "--prompt", help='template with "{}" for the subject'),
     subject: str = typer.Option(..., "--subject"),
     target_new: str = typer.Option(..., "--target-new"),
@@ -76,6 +81,23 @@ def edit_command(
     from rayedit.editing import METHODS, load_overrides
 
     # validate everything cheap before any model work
+    preset_obj = None
+    if preset is not None:
+        from rayedit.locate.presets import PresetError, load_preset
+
+        try:
+            preset_obj = load_preset(preset)
+        except PresetError as exc:
+            fail(str(exc))
+        if method is not None and method != preset_obj.method:
+            fail(f"--method {method} differs from the preset's method {preset_obj.method} ({preset})")
+        if model is not None and model != preset_obj.model:
+            typer.echo(f"warning: the preset was tuned on {preset_obj.model!r}, editing {model!r}", err=True)
+        stats_corpus = stats_corpus or preset_obj.stats_corpus
+    method = method or (preset_obj.method if preset_obj else "memit")
+    model = model or (preset_obj.model if preset_obj else None)
+    if model is None:
+        fail("--model is required (or --preset)")
     if method not in METHODS:
         fail(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     try:
@@ -86,7 +108,7 @@ def edit_command(
             f"{'.'.join(str(x) for x in e['loc']) or 'request'}: {e['msg']}" for e in exc.errors()))
     if subject not in req.text:
         fail(f"subject {subject!r} does not occur in the prompt")
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = preset_obj.overrides() if preset_obj else {}  # flags below win over the preset
     try:
         if hparams_file is not None:
             overrides.update(load_overrides(hparams_file))
@@ -95,8 +117,8 @@ def edit_command(
             overrides["layers"] = [int(x) for x in layers.split(",") if x.strip()]
     except ValueError as exc:
         fail(str(exc))
-    local_corpus = stats_corpus and not stats_corpus.startswith(("hf:", "builtin:")) and stats_corpus not in (
-        "auto", "wikitext")
+    local_corpus = (stats_corpus and not stats_corpus.startswith(("hf:", "builtin:", "toyworld:"))
+                    and stats_corpus not in ("auto", "wikitext"))
     if local_corpus and not Path(stats_corpus).is_file():
         fail(f"stats corpus file not found: {stats_corpus}")
 
@@ -105,14 +127,35 @@ def edit_command(
     from rayedit.editing import Editor, resolve_hparams
     from rayedit.models import ModelLoadError, UnsupportedArchitectureError, load_model, model_dims
 
+    tiny = model.startswith("tiny:")
+    if tiny or model.startswith("toyworld:"):
+        from rayedit.runtime.spec import model_id, model_path
+
+        hp_name = model_id(model)  # the name presets and tiny models are matched on
+        try:
+            load_path = None if tiny else model_path(model)  # the toy world's saved model folder
+        except ValueError as exc:
+            fail(str(exc))
+    else:
+        hp_name, load_path = model, model
     try:  # config only: a bad name, architecture, layer or hyperparameter fails before weights load
-        _type, n_layers, d_ff = model_dims(model)
-        hp = resolve_hparams(method, model, n_layers, overrides, d_ff=d_ff)
+        if tiny:
+            from rayedit.runtime.locate import model_shape
+
+            n_layers, d_ff = model_shape(model)
+        else:
+            _type, n_layers, d_ff = model_dims(load_path)
+        hp = resolve_hparams(method, hp_name, n_layers, overrides, d_ff=d_ff)
     except (ModelLoadError, UnsupportedArchitectureError, OSError, ValueError) as exc:
         fail(str(exc))
     torch.manual_seed(0)
     try:
-        lm = load_model(model, dtype=dtype, device=device)
+        if tiny:
+            from rayedit.models import build_tiny_model
+
+            lm = build_tiny_model(model.split(":", 1)[1])
+        else:
+            lm = load_model(load_path, dtype=dtype, device=device)
     except (ModelLoadError, UnsupportedArchitectureError, OSError) as exc:
         fail(str(exc))
     editor = Editor(lm, method, hp, stats_corpus=stats_corpus, progress=sys.stderr.isatty())
@@ -135,6 +178,9 @@ def edit_command(
     out = {"method": method, "model": model, "layers": res.layers, "before": before, "after": after,
            "seconds": round(seconds, 3), "hparams_provenance": editor.hp.provenance,
            "update_norms": {str(r["layer"]): r["update_norm"] for r in res.layer_rows if "layer" in r}}
+    if preset_obj is not None:
+        out["preset"] = {"file": str(preset), "campaign": preset_obj.provenance.campaign,
+                         "objective": preset_obj.provenance.objective, "score": preset_obj.provenance.score}
     if as_json:
         typer.echo(json.dumps(out))
         return

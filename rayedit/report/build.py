@@ -13,6 +13,7 @@ from pathlib import Path
 from rayedit.faults import fault_point
 from rayedit.report.curves import CurveSpec, all_curves
 from rayedit.report.load import CampaignData, load_campaign
+from rayedit.report.locate import locate_sections
 from rayedit.report.plots import Figure, colour_key_svg, curve_figure, method_colours, style
 from rayedit.report.tables import (
     HEADLINE,
@@ -84,8 +85,10 @@ def build_report(store: Store, cids: Sequence[str]) -> Report:
     colours = method_colours(s.method_label for c in camps for s in c.streams)
     figures, groups = _figures(curves, specs, [c.cid for c in camps], colours)
     timings["plots"] = time.perf_counter() - t1
-    page = render_html(camps, progress, tables, figures, groups, colours, store.uri)
-    rep = Report(camps, progress, tables, summary, figures, extra, page, timings=timings)
+    loc = locate_sections(store, camps)  # trace, layer scan and sweep ranking (rayedit.report.locate)
+    page = render_html(camps, progress, tables, figures, groups, colours, store.uri, loc.html)
+    rep = Report(camps, progress, tables + loc.tables, summary + loc.summary, figures + loc.figures, extra, page,
+                 timings=timings)
     rep.seconds = time.perf_counter() - t0
     return rep
 
@@ -168,7 +171,7 @@ def _img(svg: str, alt: str) -> str:
 
 def render_html(camps: list[CampaignData], progress: list[Table], tables: list[Table], figures: list[Figure],
                 groups: list[tuple[str, str, list[tuple[str, Figure]]]], colours: dict[str, str],
-                store_uri: str) -> str:
+                store_uri: str, extra_html: dict[str, str] | None = None) -> str:
     cids = [c.cid for c in camps]
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     h: list[str] = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
@@ -190,6 +193,7 @@ def render_html(camps: list[CampaignData], progress: list[Table], tables: list[T
         for t in tables:
             if t.name.startswith(f"{camp.cid}--"):
                 h.append(t.to_html(_best(t)))
+        h.append((extra_html or {}).get(camp.cid, ""))  # locate sections of this campaign
         h.append(f"<details><summary>Frozen spec (<code>campaigns/{html.escape(camp.cid)}/spec.yaml</code>)"
                  f"</summary><pre>{html.escape(camp.spec_text or '(no spec found)')}</pre></details>")
     h.append("<h2 id='curves'>Curves against the number of edits</h2>")
