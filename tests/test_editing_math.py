@@ -121,3 +121,28 @@ def test_null_space_energy_and_auto_modes():
         assert "every direction" in str(exc)
     else:
         raise AssertionError("an all-null projection must be refused")
+
+
+def test_rule_defaults_rome_depth_oft_radius_and_toyworld_preset(tmp_path):
+    import json
+
+    from rayedit.editing.hparams import is_toyworld, resolve_hparams
+
+    # ROME at ~15 % depth: the Llama-3-8B preset's layer 5 of 32, layer 1 of a 4-layer model
+    assert resolve_hparams("rome", "some-model", 32, d_ff=14336).layers == [5]
+    assert resolve_hparams("rome", "some-model", 4, d_ff=512).layers == [1]
+    # mose_oft keeps the released models' absolute generator radius 1e-5·b²/√r (b = d_ff/r) on any d_ff
+    for d_ff in (512, 14336):
+        hp = resolve_hparams("mose_oft", "some-model", 4, d_ff=d_ff)
+        b = d_ff // hp.blocks
+        assert abs(hp.radius_factor * b ** 2 / hp.blocks ** 0.5 - 1e-5 * 3584 ** 2 / 2) < 1e-6
+    # the toy world preset: by name, or by the manifest beside a model folder built anywhere
+    world = tmp_path / "anywhere"
+    (world / "model").mkdir(parents=True)
+    assert not is_toyworld(str(world / "model"))
+    (world / "manifest.json").write_text(json.dumps({"kind": "rayedit-toyworld", "seed": 0}))
+    for name in ("toyworld:0", str(world / "model")):
+        hp = resolve_hparams("alphaedit", name, 4, d_ff=512)
+        assert hp.provenance == "preset:toyworld" and hp.layers == [1] and hp.clamp_norm_factor == 1.5
+    assert resolve_hparams("alphaedit", "toyworld:0", 4, {"layers": [2]}, d_ff=512).layers == [2]  # overrides win
+    assert resolve_hparams("alphaedit", "tiny-llama", 4, d_ff=512).provenance == "rule"

@@ -220,7 +220,10 @@ def rule_layers(method: str, n_layers: int) -> list[int]:
     width = max(2, min(5, math.ceil(n_layers * 5 / 32)))
     window = [x for x in range(start, start + width) if x < n_layers - 1] or [n_layers // 2]
     if method == "rome":
-        return [window[len(window) // 2]]
+        # ~15 % depth, where the ROME presets sit (Llama-3/Qwen/GPT-J: layer 5 of 28-32); the middle of the
+        # MEMIT window overshoots on shallow models (toy world, 4 layers: layer 1 edits reach 100 % efficacy
+        # one at a time, layer 2 only 85 %)
+        return [min(max(1, round(n_layers * 5 / 32)), n_layers - 2)]
     if method == "ft":
         return [min(n_layers - 1, round(n_layers * 2 / 3))]
     if method in ("mose", "mose_oft"):  # [l*−1, l*, l*+1] around the middle of the window
@@ -241,7 +244,42 @@ def rule_values(method: str, n_layers: int, d_ff: int | None) -> dict[str, Any]:
         vals["mom2_update_weight"] = round(15_000 * d_ff / 14_336, 3)
     if method in ("alphaedit", "same"):
         vals.update(nullspace_mode="auto", nullspace_energy=5e-2, L2_relative=1e-2)
+    if method == "mose_oft" and d_ff:
+        # the [REF] radius 1e-5·b²/√r (b = d_ff/r) is "practically never active" on the released models
+        # (≈ 64 for Llama-3-8B); it shrinks with b², and on a d_ff=512 model (radius 0.08) it pins Q ≈ I
+        # (toy world: 0 % efficacy). Keep the released models' absolute radius instead.
+        vals["radius_factor"] = 1e-5 * (14_336 / d_ff) ** 2
     return vals
+
+
+# [OURS] calibrated on the toy world (seed 0, 4 layers, d_ff 512; benchmarks/toyworld_methods.py), applied on
+# top of the rule for a toy world model (see ``is_toyworld``).
+# Its facts are read mostly from the non-final subject tokens (causal trace: restoring them recovers 0.6-0.75
+# of p(true), the subject's last token 0.1-0.17), so a z-edit at the last subject token needs
+# ‖δ‖ ≈ 1.5‖h0‖: with 0.75 efficacy stays at 60 % even for 10 edits. Layer 1 alone: z at layer 2 leaves one
+# attention layer to move the edit to the answer position (20 edits: 80 % vs 95 %). SAME: the malicious keys
+# need more than 64 directions for 99 % of their energy in d_ff = 512; r_m 64 / 96 / 128 keep 90 / 98 / 100 %
+# of refusals after 100 edits at 74 / 63 / 52 % efficacy (AlphaEdit: 0 % refusals, 76 % efficacy).
+_TOYWORLD: dict[str, dict[str, Any]] = {
+    "memit": dict(layers=[1], clamp_norm_factor=1.5),
+    "alphaedit": dict(layers=[1], clamp_norm_factor=1.5),
+    "same": dict(layers=[1], clamp_norm_factor=1.5, r_m=96),
+    "mose": dict(layers=[0, 1, 2], clamp_norm_factor=1.5),
+    "mose_oft": dict(layers=[1]),
+    "rome": dict(layers=[1]),
+}
+
+
+def is_toyworld(model_name: str) -> bool:
+    """``toyworld:<seed>``, a path containing "toyworld" (the cache folders), or a model folder whose parent
+    holds a toy world manifest (``rayedit toyworld build --out ANY``)."""
+    if "toyworld" in model_name.lower():
+        return True
+    manifest = Path(model_name).parent / "manifest.json"
+    try:
+        return manifest.is_file() and '"rayedit-toyworld"' in manifest.read_text(encoding="utf-8")[:4096]
+    except (OSError, ValueError):
+        return False
 
 
 def resolve_hparams(method: str, model_name: str, n_layers: int, overrides: dict[str, Any] | None = None,
@@ -253,6 +291,8 @@ def resolve_hparams(method: str, model_name: str, n_layers: int, overrides: dict
     preset, values = preset_for(model_name, method, n_layers)
     if preset is None:
         values = rule_values(method, n_layers, d_ff)
+        if method in _TOYWORLD and is_toyworld(model_name):
+            values.update(_TOYWORLD[method], provenance="preset:toyworld")
     else:
         values["provenance"] = f"preset:{preset}"
     values.update(overrides or {})

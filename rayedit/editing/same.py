@@ -27,8 +27,14 @@ from .tokens import encode, pad_id, pad_right
 def format_prompts(tok, prompts: Sequence[str], chat: bool) -> list[list[int]]:
     """Token ids of instructions, wrapped in the chat template with a generation prompt when asked (§10.17)."""
     if chat and getattr(tok, "chat_template", None):
-        return [list(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                             tokenize=True)) for p in prompts]
+        out = []
+        for p in prompts:
+            ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+            # newer transformers return a BatchEncoding (a mapping) here, older ones a plain list of ids
+            if hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            out.append([int(i) for i in ids])
+        return out
     return [encode(tok, p) for p in prompts]
 
 
