@@ -85,7 +85,7 @@ def _eval_rows(cid: str, sid: str, method: str, step: int, n_records: int, rng: 
 def _general_rows(cid: str, sid: str, method: str, step: int, rng: np.random.Generator) -> list[dict[str, Any]]:
     """A suite of a protocol the report does not know: every numeric column is a metric."""
     return [{"campaign": cid, "stream": sid, "model": "tiny:llama", "method": method, "dataset": "facts", "seed": 0,
-             "step": step, "suite": "general", "protocol": "general/v1", "case_id": f"g{i}", "record_index": i,
+             "step": step, "suite": "custom", "protocol": "custom/v1", "case_id": f"g{i}", "record_index": i,
              "delta_u": float(-0.05 * step + 0.01 * rng.standard_normal()), "unsafe": float(rng.random() < 0.2)}
             for i in range(8)]
 
@@ -109,7 +109,7 @@ def build_campaign(store, cid: str, *, steps_done: dict[str, int], n_steps: int 
             half = len(ev) // 2
             assert commit_eval_part(store, cid, sid, step, "counterfact", 0, pa.Table.from_pylist(ev[:half]))
             assert commit_eval_part(store, cid, sid, step, "counterfact", 1, pa.Table.from_pylist(ev[half:]))
-            assert commit_eval_part(store, cid, sid, step, "general", 0,
+            assert commit_eval_part(store, cid, sid, step, "custom", 0,
                                     pa.Table.from_pylist(_general_rows(cid, sid, method, step, rng)))
         if uncommitted:
             step = steps_done.get(method, 0)
@@ -224,7 +224,7 @@ def test_finished_campaign_tables_match_parquet(tmp_path: Path) -> None:
             assert row[label].n == 12
         means = [row[k].mean for k in ("Eff.", "Gen.", "Spe.")]
         assert row["Score"] == pytest.approx(3 / sum(1 / m for m in means))
-        gen = _direct_eval(root, "done", sid, 2, "general").to_pydict()
+        gen = _direct_eval(root, "done", sid, 2, "custom").to_pydict()
         _close(row["Δ_U"], *_ci(gen["delta_u"]))  # not in [0, 1]: raw units
         _close(row["Unsafe"], *_ci([100.0 * v for v in gen["unsafe"]]))  # a rate: percent
 

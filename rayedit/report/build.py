@@ -5,12 +5,14 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rayedit.faults import fault_point
+from rayedit.report.audit import AuditParts, audit_parts
 from rayedit.report.curves import CurveSpec, all_curves
 from rayedit.report.load import CampaignData, load_campaign
 from rayedit.report.locate import locate_sections
@@ -29,6 +31,8 @@ from rayedit.report.tables import (
 )
 from rayedit.store import Store, open_store, sanitize_id
 from rayedit.store.layout import campaign_prefix
+
+log = logging.getLogger(__name__)
 
 REPORT_DIR = "report"
 
@@ -86,9 +90,15 @@ def build_report(store: Store, cids: Sequence[str]) -> Report:
     figures, groups = _figures(curves, specs, [c.cid for c in camps], colours)
     timings["plots"] = time.perf_counter() - t1
     loc = locate_sections(store, camps)  # trace, layer scan and sweep ranking (rayedit.report.locate)
-    page = render_html(camps, progress, tables, figures, groups, colours, store.uri, loc.html)
-    rep = Report(camps, progress, tables + loc.tables, summary + loc.summary, figures + loc.figures, extra, page,
-                 timings=timings)
+    try:  # what the edits cost (rayedit.report.audit); a malformed audit part must not cost the whole report
+        aud = audit_parts(store, [c.cid for c in camps], colours)
+    except (KeyError, ValueError, TypeError) as exc:
+        log.warning("audit section skipped: %s: %s", type(exc).__name__, exc)
+        aud = AuditParts()
+    sections = {cid: aud.html.get(cid, "") + loc.html.get(cid, "") for cid in set(aud.html) | set(loc.html)}
+    page = render_html(camps, progress, tables, figures, groups, colours, store.uri, sections)
+    rep = Report(camps, progress, tables + aud.tables + loc.tables, summary + loc.summary,
+                 figures + aud.figures + loc.figures, extra, page, timings=timings)
     rep.seconds = time.perf_counter() - t0
     return rep
 

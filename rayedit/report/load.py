@@ -273,6 +273,12 @@ def read_evals(store: Store, cid: str, streams: list[StreamInfo]) -> pd.DataFram
     return pd.concat(frames, ignore_index=True, sort=False)
 
 
+def _is_unedited(sid: str) -> bool:
+    import re
+
+    return re.search(r"--unedited(-[0-9a-f]{8})?$", sid) is not None
+
+
 def load_campaign(store: Store, cid: str) -> CampaignData:
     """Spec, streams (expected and present) with progress, and the committed rows of a campaign."""
     key = spec_key(cid)
@@ -284,7 +290,8 @@ def load_campaign(store: Store, cid: str) -> CampaignData:
         spec = {}
     spec = spec if isinstance(spec, dict) else {}
     expected = {s.sid: s for s in expected_streams(spec, spec_text)}
-    present = list_streams(store, cid)
+    # the unedited model's audit pseudo-streams belong to the audit section (rayedit.report.audit)
+    present = [sid for sid in list_streams(store, cid) if not _is_unedited(sid)]
     steps_total, edits_total = spec_totals(spec)
     unknown = [sid for sid in present if sid not in expected]
     if unknown:
