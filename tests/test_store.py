@@ -535,7 +535,7 @@ def test_local_writes_are_atomic_and_leave_no_temp_files(tmp_path: Path, monkeyp
         raise OSError("disk on fire")
 
     monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk on fire"):
+    with pytest.raises(OSError, match="disk on fire"):  # StoreIOError is an OSError too
         store.put_bytes("a/k", b"new")
     monkeypatch.undo()
     assert store.get_bytes("a/k") == b"old"
@@ -714,3 +714,32 @@ def test_credentials_never_written_or_shown(
         body = client.get_object(Bucket=s3_bucket, Key=obj["Key"])["Body"].read()
         for secret_part in (akid, secret, token):
             assert secret_part.encode() not in body and secret_part not in obj["Key"]
+
+
+def test_s3_settings_from_the_environment(s3_env: S3Server, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Timeouts and multipart sizes have RAYEDIT_S3_* variables (workers inherit them); bad values are errors."""
+    monkeypatch.setenv("RAYEDIT_S3_READ_TIMEOUT", "7.5")
+    monkeypatch.setenv("RAYEDIT_S3_CONNECT_TIMEOUT", "2")
+    monkeypatch.setenv("RAYEDIT_S3_MULTIPART_THRESHOLD", "1024")
+    store = open_store(f"s3://{s3_bucket}/env")
+    cfg = store.client.meta.config
+    assert (cfg.connect_timeout, cfg.read_timeout) == (2.0, 7.5)
+    assert store.open_args()["multipart_threshold"] == 1024  # travels to replicas with the store
+    assert open_store(f"s3://{s3_bucket}/env", read_timeout=3).client.meta.config.read_timeout == 3  # argument wins
+    store.put_bytes("k", b"z" * 2048)  # above the threshold: a multipart upload of one part
+    assert store.get_bytes("k") == b"z" * 2048
+    assert store.client.head_object(Bucket=s3_bucket, Key="env/k")["ETag"].strip('"').endswith("-1")
+    monkeypatch.setenv("RAYEDIT_S3_READ_TIMEOUT", "soon")
+    with pytest.raises(StoreError, match="RAYEDIT_S3_READ_TIMEOUT"):
+        open_store(f"s3://{s3_bucket}/env")
+    monkeypatch.delenv("RAYEDIT_S3_READ_TIMEOUT")
+    with pytest.raises(StoreError, match="smallest part"):
+        open_store(f"s3://{s3_bucket}/env", multipart_chunksize=1024)
+
+
+def test_local_store_os_errors_are_plain_store_errors(tmp_path: Path) -> None:
+    from rayedit.store.errors import StoreIOError
+
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(StoreIOError, match="cannot create the local store folder"):
+        LocalStore(tmp_path / "file" / "store")

@@ -11,6 +11,13 @@ class StoreError(Exception):
     """Base class of every error raised by ``rayedit.store``."""
 
 
+class StoreIOError(StoreError, OSError):
+    """A local store operation failed in the operating system (disk full, read-only, permissions).
+
+    Also an ``OSError`` (with the original ``errno``), so callers that handle OS errors still do.
+    """
+
+
 class StoreURIError(StoreError, ValueError):
     """A store URI is malformed (unknown scheme, bad bucket name, ``..`` segments, ...)."""
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 
+from rayedit.faults import fault_point
 from rayedit.store.base import Store
 from rayedit.store.errors import CorruptStepError, KeyNotFound, StepNotCommitted, UnsafeKeyError
 from rayedit.store.formats import Bytes, decode_parquet, decode_tensors, encode_parquet
@@ -248,6 +249,9 @@ def _write_then_mark(
             return False
         store.put_bytes(f"{folder}/{name}", data)
         objects[name] = _describe(data)
+        if name == DELTA:
+            fault_point("delta-upload", f"{folder}/{name}")  # fault matrix: the delta landed, no marker yet
+    fault_point("marker-write", marker_key)
     won = store.put_if_absent(marker_key, _marker_bytes(kind, ident, objects, meta_json))
     if not won:
         theirs = _read_marker(store, marker_key)

@@ -6,6 +6,10 @@ the new one. ``put_if_absent`` hard-links the finished temporary file to the key
 the key exists, so exactly one of several concurrent writers wins and readers never see a partial
 object.
 
+An operating-system failure of a write (disk full, quota, read-only file system, permissions) removes
+the temporary file and raises ``StoreIOError`` naming the key, the store and the errno in plain words;
+nothing half-written is ever visible, and what was committed before stays committed.
+
 The root is a jail: any key whose real path (after resolving symlinks) lies outside the root is
 refused, so a symlink planted inside the store cannot make us read or write elsewhere.
 """
@@ -22,8 +26,9 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from rayedit.faults import fault_point
 from rayedit.store.base import Store
-from rayedit.store.errors import KeyNotFound, StoreError, UnsafeKeyError
+from rayedit.store.errors import KeyNotFound, StoreError, StoreIOError, UnsafeKeyError
 from rayedit.store.formats import Bytes
 from rayedit.store.keys import TMP_PREFIX, join_key, safe_key, safe_prefix
 
@@ -31,6 +36,14 @@ log = logging.getLogger(__name__)
 
 # File systems without hard links (some FUSE/SMB mounts) report one of these from os.link.
 _NO_LINK_ERRNOS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
+# What a user can do about the common write failures, in plain words.
+_WRITE_ADVICE = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EIO: "an I/O error occurred",
+}
 
 
 def _fsync_dir(path: str) -> None:
@@ -52,7 +65,12 @@ class LocalStore(Store):
     def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
         path = os.path.abspath(os.path.expanduser(os.fspath(root)))
         if create:
-            os.makedirs(path, exist_ok=True)
+            try:
+                os.makedirs(path, exist_ok=True)
+            except OSError as exc:  # a file in the way, permissions, read-only or full file system
+                raise StoreIOError(exc.errno or errno.EIO, f"cannot create the local store folder {path!r}: "
+                                   f"{_WRITE_ADVICE.get(exc.errno or 0, exc.strerror or str(exc))} "
+                                   f"({exc.strerror or exc})") from None
         elif not os.path.isdir(path):
             raise StoreError(f"local store folder {path!r} does not exist")
         # The jail is the real root: resolving it once means a symlinked root (e.g. /tmp on macOS)
@@ -107,13 +125,25 @@ class LocalStore(Store):
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                half = len(data) // 2
+                f.write(data[:half])
+                fault_point("local-write", tmp)  # fault matrix: disk full half-way through a write
+                f.write(data[half:])
                 f.flush()
                 os.fsync(f.fileno())
         except BaseException:
             _unlink_quiet(tmp)
             raise
         return tmp
+
+    def _io_error(self, key: str, size: int, exc: OSError) -> StoreIOError:
+        why = _WRITE_ADVICE.get(exc.errno or 0, exc.strerror or str(exc))
+        return StoreIOError(
+            exc.errno or errno.EIO,
+            f"{self.uri}: cannot write {key!r} ({size} bytes): {why} ({exc.strerror or exc}); the partial file "
+            "was removed and this object was not committed; fix the cause, then `rayedit resume` continues "
+            "from the last committed step",
+        )
 
     def put_bytes(self, key: str, data: Bytes) -> None:
         path = self._path(key)
@@ -122,11 +152,16 @@ class LocalStore(Store):
             tmp = self._write_temp(folder, data)
         except (NotADirectoryError, FileExistsError):
             raise StoreError(f"cannot write {key!r}: a parent of it is an object, not a folder") from None
+        except OSError as exc:
+            raise self._io_error(key, len(data), exc) from None
         try:
             os.replace(tmp, path)
         except IsADirectoryError:
             _unlink_quiet(tmp)
             raise StoreError(f"cannot write {key!r}: it is a folder of other objects") from None
+        except OSError as exc:
+            _unlink_quiet(tmp)
+            raise self._io_error(key, len(data), exc) from None
         except BaseException:
             _unlink_quiet(tmp)
             raise
@@ -141,13 +176,15 @@ class LocalStore(Store):
             tmp = self._write_temp(folder, data)
         except (NotADirectoryError, FileExistsError):
             raise StoreError(f"cannot write {key!r}: a parent of it is an object, not a folder") from None
+        except OSError as exc:
+            raise self._io_error(key, len(data), exc) from None
         try:
             os.link(tmp, path)
         except FileExistsError:
             return False
         except OSError as exc:
             if exc.errno not in _NO_LINK_ERRNOS:
-                raise
+                raise self._io_error(key, len(data), exc) from None
             return self._put_if_absent_excl(path, data)
         finally:
             _unlink_quiet(tmp)
@@ -162,10 +199,14 @@ class LocalStore(Store):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:  # a partial marker must not block every later writer
+            _unlink_quiet(path)
+            raise self._io_error(self._key_of(path), len(data), exc) from None
         _fsync_dir(os.path.dirname(path))
         return True
 

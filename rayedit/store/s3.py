@@ -2,7 +2,13 @@
 
 - Retries are botocore's (``Config(retries={"mode", "total_max_attempts"})``) plus timeouts; we add no
   retry loops of our own except re-reading a body whose stream broke mid-way (botocore retries the
-  request, not the streaming read) and S3's 409 "conditional request in progress".
+  request, not the streaming read) and S3's 409 "conditional request in progress". Every retry is
+  said out loud: a ``needs-retry`` hook records why an attempt failed (HTTP 503, connection reset,
+  read timeout, ...) per object, and the store logs one warning per operation that needed retries
+  ("... succeeded after 2 retries (HTTP 503 SlowDown, connection reset)") or names them in its error.
+- A conditional put whose first attempt landed but whose reply was lost (reset, timeout) is retried
+  by botocore and then answered 412; when that happens after a retry and the object holds exactly our
+  bytes, the write was ours (see ``put_if_absent``).
 - ``put_if_absent`` is ``PutObject`` with ``If-None-Match: *``: S3 answers 412 to every writer but the
   first, which is what makes commit markers race-free.
 - Credentials come from boto3's usual chain (env, profile, instance role). They are never stored on
@@ -17,9 +23,10 @@ import logging
 import os
 import threading
 import time
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import boto3
 import botocore.exceptions
@@ -40,6 +47,15 @@ DEFAULT_REGION = "us-east-1"
 # per part); smaller ones are a single PutObject, which is cheaper.
 DEFAULT_MULTIPART_THRESHOLD = 64 * 1024 * 1024
 DEFAULT_MULTIPART_CHUNKSIZE = 16 * 1024 * 1024
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_READ_TIMEOUT = 60.0
+# Environment overrides for settings that have no AWS_* variable (workers on a cluster inherit them;
+# the fault matrix uses them to make timeouts and multipart uploads happen on tiny objects).
+ENV_CONNECT_TIMEOUT = "RAYEDIT_S3_CONNECT_TIMEOUT"
+ENV_READ_TIMEOUT = "RAYEDIT_S3_READ_TIMEOUT"
+ENV_MULTIPART_THRESHOLD = "RAYEDIT_S3_MULTIPART_THRESHOLD"
+ENV_MULTIPART_CHUNKSIZE = "RAYEDIT_S3_MULTIPART_CHUNKSIZE"
+S3_MIN_PART_SIZE = 5 * 1024 * 1024  # S3's smallest part (except the last)
 
 
 def _error_code(exc: botocore.exceptions.ClientError) -> tuple[str, int]:
@@ -81,6 +97,69 @@ def check_endpoint_url(url: str) -> str:
     return url
 
 
+def _retry_reason(response: Any, caught_exception: Exception | None) -> str | None:
+    """Why an attempt failed in words, if it is the kind botocore retries (5xx, throttling, network)."""
+    if caught_exception is not None:
+        name = type(caught_exception).__name__
+        words = {
+            "ConnectionClosedError": "connection reset",
+            "ReadTimeoutError": "read timeout",
+            "ConnectTimeoutError": "connect timeout",
+            "EndpointConnectionError": "connection refused",
+            "ProxyConnectionError": "proxy connection error",
+            "ResponseStreamingError": "response stream broken",
+            "IncompleteReadError": "incomplete read",
+        }
+        return words.get(name, name)
+    if not response:
+        return None
+    http, parsed = response
+    status = getattr(http, "status_code", 0) or 0
+    code = ((parsed or {}).get("Error") or {}).get("Code", "") if isinstance(parsed, dict) else ""
+    if status >= 500 or status == 429 or code in ("SlowDown", "Throttling", "RequestTimeout"):
+        return f"HTTP {status}" + (f" {code}" if code else "")
+    return None
+
+
+class RetryLog:
+    """Failed attempts per object path, filled by a botocore ``needs-retry`` hook (all threads)."""
+
+    MAX_PATHS = 1024  # entries never collected (e.g. bucket checks) must not grow without bound
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_path: OrderedDict[str, list[str]] = OrderedDict()
+        self.totals: Counter[str] = Counter()  # process-wide, by reason (benchmarks, doctor)
+
+    def on_needs_retry(self, response: Any = None, caught_exception: Exception | None = None,
+                       request_dict: dict[str, Any] | None = None, **_kw: Any) -> None:
+        reason = _retry_reason(response, caught_exception)
+        if reason is None:
+            return None  # never influence botocore's decision: we only watch
+        path = unquote(str((request_dict or {}).get("url_path", "")).split("?", 1)[0])
+        with self._lock:
+            self._by_path.setdefault(path, []).append(reason)
+            self._by_path.move_to_end(path)
+            while len(self._by_path) > self.MAX_PATHS:
+                self._by_path.popitem(last=False)
+            self.totals[reason] += 1
+        return None
+
+    def take(self, bucket: str, key: str) -> list[str]:
+        """The failed attempts recorded for ``bucket/key`` since the last call (path or virtual style)."""
+        return self.take_path(f"/{bucket}/{key}") + self.take_path(f"/{key}")
+
+    def take_path(self, path: str) -> list[str]:
+        with self._lock:
+            return self._by_path.pop(path, [])
+
+
+def describe_retries(reasons: list[str]) -> str:
+    """'HTTP 503 SlowDown ×2, connection reset' from a list of failed-attempt reasons."""
+    counts = Counter(reasons)
+    return ", ".join(f"{r} ×{n}" if n > 1 else r for r, n in counts.items())
+
+
 @dataclass(repr=False, eq=False)
 class S3Connection:
     """A configured boto3 client plus what pyarrow needs; shared by a store and its children.
@@ -98,6 +177,7 @@ class S3Connection:
     connect_timeout: float
     read_timeout: float
     transfer_config: TransferConfig
+    retry_log: RetryLog = field(default_factory=RetryLog)
     # Everything needed to rebuild this connection elsewhere (no credentials): see open_args().
     options: dict[str, Any] = field(default_factory=dict)
     _pa_fs: pafs.S3FileSystem | None = field(default=None)
@@ -154,15 +234,24 @@ def connect(
     profile: str | None = None,
     retries: int | None = None,
     retry_mode: str | None = None,
-    connect_timeout: float = 10.0,
-    read_timeout: float = 60.0,
+    connect_timeout: float | None = None,
+    read_timeout: float | None = None,
     addressing_style: str | None = None,
-    multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
-    multipart_chunksize: int = DEFAULT_MULTIPART_CHUNKSIZE,
+    multipart_threshold: int | None = None,
+    multipart_chunksize: int | None = None,
     max_pool_connections: int = 32,
     checksums: str | None = None,
 ) -> S3Connection:
     """Build an ``S3Connection``; arguments win over the environment, which wins over defaults."""
+    connect_timeout = _setting(connect_timeout, ENV_CONNECT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, float)
+    read_timeout = _setting(read_timeout, ENV_READ_TIMEOUT, DEFAULT_READ_TIMEOUT, float)
+    multipart_threshold = _setting(multipart_threshold, ENV_MULTIPART_THRESHOLD, DEFAULT_MULTIPART_THRESHOLD, int)
+    multipart_chunksize = _setting(multipart_chunksize, ENV_MULTIPART_CHUNKSIZE, DEFAULT_MULTIPART_CHUNKSIZE, int)
+    if connect_timeout <= 0 or read_timeout <= 0:
+        raise StoreError(f"S3 timeouts must be > 0 s, got connect {connect_timeout}, read {read_timeout}")
+    if multipart_threshold < 1 or multipart_chunksize < S3_MIN_PART_SIZE:
+        raise StoreError(f"multipart threshold must be >= 1 byte and chunk size >= {S3_MIN_PART_SIZE} bytes "
+                         f"(S3's smallest part), got {multipart_threshold} and {multipart_chunksize}")
     endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
     if endpoint_url:
         check_endpoint_url(endpoint_url)
@@ -200,6 +289,8 @@ def connect(
         response_checksum_validation=checksums,
     )
     client = session.client("s3", endpoint_url=endpoint_url, config=config)
+    retry_log = RetryLog()
+    client.meta.events.register("needs-retry.s3", retry_log.on_needs_retry)
     transfer_config = TransferConfig(
         multipart_threshold=multipart_threshold,
         multipart_chunksize=multipart_chunksize,
@@ -217,6 +308,7 @@ def connect(
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
         transfer_config=transfer_config,
+        retry_log=retry_log,
         options={
             "endpoint_url": endpoint_url,
             "region": region,
@@ -232,6 +324,18 @@ def connect(
             "checksums": checksums,
         },
     )
+
+
+def _setting(value: Any, env: str, default: Any, cast: type) -> Any:
+    if value is not None:
+        return cast(value)
+    text = os.environ.get(env, "").strip()
+    if not text:
+        return default
+    try:
+        return cast(text)
+    except ValueError:
+        raise StoreError(f"{env}={text!r} is not a valid {cast.__name__}") from None
 
 
 class S3Store(Store):
@@ -307,30 +411,51 @@ class S3Store(Store):
         full = join_key(self._prefix, safe_prefix(prefix)) if (self._prefix or safe_prefix(prefix)) else ""
         return f"{full}/" if full else ""
 
-    def _fail(self, action: str, key: str, exc: Exception) -> StoreError:
+    def _retried(self, key: str | None) -> list[str]:
+        """Failed attempts botocore made (and retried) for ``key`` (None: the bucket) since the last look."""
+        if key is None:  # bucket-level requests (HeadBucket, listings) have the bucket as their path
+            return self._conn.retry_log.take_path(f"/{self._bucket}") + self._conn.retry_log.take_path("/")
+        return self._conn.retry_log.take(self._bucket, self._k(key))
+
+    def _note(self, action: str, key: str, *, object_key: bool = True) -> None:
+        """One warning per operation that needed retries: what was retried and why."""
+        reasons = self._retried(key if object_key else None)
+        if reasons:
+            log.warning("S3 %s %r in %s succeeded after %d %s (%s)", action, key, self.uri, len(reasons),
+                        "retry" if len(reasons) == 1 else "retries", describe_retries(reasons))
+
+    def _fail(self, action: str, key: str, exc: Exception, *, object_key: bool = True) -> StoreError:
+        reasons = self._retried(key if object_key else None)
+        tried = ""
+        if reasons:
+            # the hook also saw the final attempt when it failed the transient way (5xx, network)
+            final_seen = not isinstance(exc, botocore.exceptions.ClientError) or _error_code(exc)[1] >= 500 \
+                or _error_code(exc)[1] == 429
+            tried = f" after {len(reasons) + (0 if final_seen else 1)} attempts ({describe_retries(reasons)})"
         if isinstance(exc, botocore.exceptions.ClientError):
             code, status = _error_code(exc)
-            return StoreError(f"{self._where()}: {action} {key!r} failed: {code or 'error'} (HTTP {status})")
+            return StoreError(f"{self._where()}: {action} {key!r} failed{tried}: {code or 'error'} (HTTP {status})")
         if isinstance(exc, botocore.exceptions.NoCredentialsError):
             return StoreError(
                 f"{self._where()}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
                 "AWS_PROFILE, or use an instance role)"
             )
-        return StoreError(f"{self._where()}: {action} {key!r} failed: {type(exc).__name__}: {exc}")
+        return StoreError(f"{self._where()}: {action} {key!r} failed{tried}: {type(exc).__name__}: {exc}")
 
     def _ensure_bucket(self, create: bool) -> None:
         client = self._conn.client
         try:
             client.head_bucket(Bucket=self._bucket)
+            self._note("check of bucket", self._bucket, object_key=False)
             return
         except botocore.exceptions.ClientError as exc:
             code, status = _error_code(exc)
             if status != 404 and code not in ("404", "NoSuchBucket"):
                 if status == 403:
                     raise StoreError(f"{self._where()}: access to bucket {self._bucket!r} denied (HTTP 403)") from None
-                raise self._fail("checking bucket", self._bucket, exc) from None
+                raise self._fail("checking bucket", self._bucket, exc, object_key=False) from None
         except botocore.exceptions.BotoCoreError as exc:
-            raise self._fail("checking bucket", self._bucket, exc) from None
+            raise self._fail("checking bucket", self._bucket, exc, object_key=False) from None
         if not create:
             raise BucketNotFound(
                 f"{self._where()}: bucket {self._bucket!r} does not exist (create it, or pass create_bucket=True)"
@@ -344,15 +469,16 @@ class S3Store(Store):
         except botocore.exceptions.ClientError as exc:
             code, _ = _error_code(exc)
             if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                raise self._fail("creating bucket", self._bucket, exc) from None
+                raise self._fail("creating bucket", self._bucket, exc, object_key=False) from None
         except botocore.exceptions.BotoCoreError as exc:
-            raise self._fail("creating bucket", self._bucket, exc) from None
+            raise self._fail("creating bucket", self._bucket, exc, object_key=False) from None
 
     # --- writes -----------------------------------------------------------------------------------
     def put_bytes(self, key: str, data: Bytes) -> None:
         k = self._k(key)
+        multipart = len(data) >= self._conn.transfer_config.multipart_threshold
         try:
-            if len(data) >= self._conn.transfer_config.multipart_threshold:
+            if multipart:
                 self._conn.client.upload_fileobj(io.BytesIO(data), self._bucket, k, Config=self._conn.transfer_config)
             else:
                 self._conn.client.put_object(Bucket=self._bucket, Key=k, Body=bytes(data))
@@ -361,7 +487,10 @@ class S3Store(Store):
             botocore.exceptions.BotoCoreError,
             boto3.exceptions.S3UploadFailedError,  # what the transfer manager wraps errors in
         ) as exc:
+            if multipart:  # s3transfer aborts the upload on failure: no parts are left behind
+                raise self._fail("multipart upload (aborted) of", key, exc) from None
             raise self._fail("writing", key, exc) from None
+        self._note("multipart upload of" if multipart else "write of", key)
 
     def put_if_absent(self, key: str, data: Bytes) -> bool:
         k = self._k(key)
@@ -371,11 +500,12 @@ class S3Store(Store):
         for attempt in range(self._conn.max_attempts + 3):
             try:
                 self._conn.client.put_object(Bucket=self._bucket, Key=k, Body=body, IfNoneMatch="*")
+                self._note("conditional write of", key)
                 return True
             except botocore.exceptions.ClientError as exc:
                 code, status = _error_code(exc)
                 if code == "PreconditionFailed" or status == 412:
-                    return False
+                    return self._lost_reply_was_ours(key, body, exc)
                 if code == "ConditionalRequestConflict" or status == 409:
                     time.sleep(min(0.05 * 2**attempt, 1.0))
                     continue
@@ -384,11 +514,34 @@ class S3Store(Store):
                 raise self._fail("writing", key, exc) from None
         raise StoreError(f"{self._where()}: conditional write of {key!r} kept conflicting (HTTP 409)")
 
+    def _lost_reply_was_ours(self, key: str, body: bytes, exc: botocore.exceptions.ClientError) -> bool:
+        """412 on a conditional put: someone else's object, unless botocore retried our own landed write.
+
+        When an attempt reached S3 but its reply was lost (connection reset, read timeout), botocore
+        sends the request again and S3 answers 412 because our first attempt created the object. We
+        recognise that case only after a retry and only if the object holds exactly our bytes; a commit
+        marker lists the sha256 of every object of the step, so equal bytes mean an equal commit.
+        """
+        reasons = self._retried(key)
+        retried = reasons or exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0)
+        if not retried:
+            return False
+        try:
+            ours = self.get_bytes(key) == body
+        except StoreError:
+            return False
+        if ours:
+            log.warning("S3 conditional write of %r in %s: an earlier attempt landed but its reply was lost "
+                        "(%s); retried, found our own object, keeping it", key, self.uri,
+                        describe_retries(reasons) if reasons else "retried")
+        return ours
+
     def delete(self, key: str) -> None:
         try:
             self._conn.client.delete_object(Bucket=self._bucket, Key=self._k(key))
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
             raise self._fail("deleting", key, exc) from None
+        self._note("delete of", key)
 
     # --- reads ------------------------------------------------------------------------------------
     def get_bytes(self, key: str) -> bytes:
@@ -397,7 +550,9 @@ class S3Store(Store):
         for _ in range(self._conn.max_attempts):
             try:
                 resp = self._conn.client.get_object(Bucket=self._bucket, Key=k)
-                return resp["Body"].read()
+                body = resp["Body"].read()
+                self._note("read of", key)
+                return body
             except botocore.exceptions.ClientError as exc:
                 code, status = _error_code(exc)
                 if code in ("NoSuchKey", "404") or status == 404:
@@ -409,6 +564,8 @@ class S3Store(Store):
                 botocore.exceptions.ReadTimeoutError,
             ) as exc:
                 last = exc  # the body stream broke after a successful request: read it again
+                log.warning("S3 read of %r in %s: the response body broke (%s); reading it again", key, self.uri,
+                            type(exc).__name__)
                 continue
             except botocore.exceptions.BotoCoreError as exc:
                 raise self._fail("reading", key, exc) from None
@@ -417,10 +574,13 @@ class S3Store(Store):
 
     def _head(self, key: str) -> dict[str, Any] | None:
         try:
-            return self._conn.client.head_object(Bucket=self._bucket, Key=self._k(key))
+            head = self._conn.client.head_object(Bucket=self._bucket, Key=self._k(key))
+            self._note("check of", key)
+            return head
         except botocore.exceptions.ClientError as exc:
             code, status = _error_code(exc)
             if status == 404 or code in ("404", "NoSuchKey", "NotFound"):
+                self._note("check of", key)
                 return None
             raise self._fail("checking", key, exc) from None
         except botocore.exceptions.BotoCoreError as exc:
@@ -450,7 +610,8 @@ class S3Store(Store):
                         continue  # e.g. a console "folder/" placeholder, unreachable through the API
                     out[key] = int(obj["Size"])
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
-            raise self._fail("listing", prefix, exc) from None
+            raise self._fail("listing", prefix, exc, object_key=False) from None
+        self._note("listing of", prefix, object_key=False)
         return out
 
     def list_children(self, prefix: str = "") -> list[str]:
@@ -468,7 +629,8 @@ class S3Store(Store):
                     if name:
                         names.add(name)
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
-            raise self._fail("listing", prefix, exc) from None
+            raise self._fail("listing", prefix, exc, object_key=False) from None
+        self._note("listing of", prefix, object_key=False)
         return sorted(names)
 
     # --- scoping and interop ----------------------------------------------------------------------

@@ -149,8 +149,8 @@ def open_store(
     profile: str | None = None,
     retries: int | None = None,
     retry_mode: str | None = None,
-    connect_timeout: float = 10.0,
-    read_timeout: float = 60.0,
+    connect_timeout: float | None = None,
+    read_timeout: float | None = None,
     create_bucket: bool = False,
     create: bool = True,
     **s3_options: object,
@@ -161,7 +161,8 @@ def open_store(
     ``endpoint_url`` or ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``; the region from ``region`` or
     ``AWS_REGION``/``AWS_DEFAULT_REGION`` (default us-east-1); the profile from ``profile`` or
     ``AWS_PROFILE``. ``retries`` is botocore's total attempts per request (default 5, or
-    ``AWS_MAX_ATTEMPTS``), ``retry_mode`` 'standard' (default) or 'adaptive'. The bucket is checked
+    ``AWS_MAX_ATTEMPTS``), ``retry_mode`` 'standard' (default) or 'adaptive'; timeouts default to 10 s
+    (connect) and 60 s (read), or ``RAYEDIT_S3_CONNECT_TIMEOUT``/``RAYEDIT_S3_READ_TIMEOUT``. The bucket is checked
     with HeadBucket; a missing bucket raises ``BucketNotFound`` unless ``create_bucket=True``.
     Further keyword arguments go to ``rayedit.store.s3.connect`` (addressing_style, multipart_*).
     """
