@@ -68,7 +68,11 @@ def ray_head():
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
                PATH=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}")
     ray_bin = str(Path(venv_bin) / "ray")
+    # every port our own: another Ray on the machine (a test session, a user's) holds the default agent ports
+    agent, grpc, metrics, renv, client = (_free_port() for _ in range(5))
     cmd = [ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+           f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
+           f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={renv}", f"--ray-client-server-port={client}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={temp}",
            "--disable-usage-stats", "--include-dashboard=true"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -188,12 +188,24 @@ def submit_command(
     # Only non-secret settings travel in env_vars; cloud credentials come from the cluster's own config.
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "OMP_NUM_THREADS", "AWS_ENDPOINT_URL", "AWS_REGION")
            if k in os.environ}
-    job_id = client.submit_job(
-        entrypoint=shlex.join(entry),
-        runtime_env={"working_dir": str(wd), "env_vars": env,
-                     "excludes": [".venv", ".git", "runs", ".rayedit", "**/__pycache__", "*.egg-info"]},
-        metadata={"rayedit_spec": str(rel)},
-    )
+    import time
+
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            job_id = client.submit_job(
+                entrypoint=shlex.join(entry),
+                runtime_env={"working_dir": str(wd), "env_vars": env,
+                             "excludes": [".venv", ".git", "runs", ".rayedit", "**/__pycache__", "*.egg-info"]},
+                metadata={"rayedit_spec": str(rel)},
+            )
+            break
+        except RuntimeError as exc:
+            # a head that has just started answers before its job agent is up: wait for it, bounded
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                _fail(f"cannot submit to {address}: {exc}")
+            typer.echo("the cluster's job agent is not up yet; retrying", err=True)
+            time.sleep(3)
     typer.echo(f"submitted {job_id} to {address}")
     if wait:
         import asyncio
