@@ -13,6 +13,7 @@ subject token need ‖δ‖ ≈ 1.5‖h0‖ and leak into every prompt (see benc
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,11 @@ from rayedit.editing import Editor, LocalBlobCache
 from rayedit.evaluate import evaluate_records, summarize
 from rayedit.models import load_model
 
-pytestmark = pytest.mark.slow
+# The acceptance runs of #3/#5 (two 200-edit streams, ~5 min on 2 idle cores) do not fit CI's 30-minute
+# budget beside everything else; they run with RAYEDIT_METHOD_TARGETS=1 (benchmarks/toyworld_methods.py
+# prints the same numbers).
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.environ.get("RAYEDIT_METHOD_TARGETS") != "1",
+                                                    reason="method-target runs: set RAYEDIT_METHOD_TARGETS=1")]
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".rayedit" / "toyworld-cache"
