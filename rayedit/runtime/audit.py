@@ -79,16 +79,7 @@ def suite_records(suite: str, settings: dict[str, Any], edit_records: list[Any],
 
 
 def audit_steps(spec: CampaignSpec) -> list[int]:
-    a = spec.audit
-    if a is None:
-        return []
-    n = spec.steps_per_stream()
-    if a.at == "every_step":
-        return list(range(n))
-    if a.at == "end":
-        return [n - 1]
-    counts = set(a.at)
-    return [t for t in range(n) if spec.edits_after(t) in counts]
+    return [] if spec.audit is None else spec.steps_at(spec.audit.at)
 
 
 def _resolved(settings: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:

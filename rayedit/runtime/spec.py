@@ -169,6 +169,15 @@ class DatasetSpec(_Strict):
         return Path(self.path).stem if not _is_hub(self.path) else self.path.rsplit("/", 1)[-1]
 
 
+def _edit_counts(v: list[int] | str) -> list[int] | str:
+    """``at:`` of evaluation and audit: distinct positive edit counts (sorted), or every_step / end."""
+    if isinstance(v, list):
+        if not v or any(c < 1 for c in v) or len(set(v)) != len(v):
+            raise ValueError("edit counts must be distinct positive integers")
+        return sorted(v)
+    return v
+
+
 class EvaluationSpec(_Strict):
     """When and what to evaluate. ``at``: edit counts (each must end a committed step), or every step, or the end."""
 
@@ -178,14 +187,7 @@ class EvaluationSpec(_Strict):
     shard_size: int = Field(64, ge=1)
     keep_raw: bool = False  # per-token lists make parts ~10x bigger; off unless asked for
 
-    @field_validator("at")
-    @classmethod
-    def _counts(cls, v: list[int] | str) -> list[int] | str:
-        if isinstance(v, list):
-            if not v or any(c < 1 for c in v) or len(set(v)) != len(v):
-                raise ValueError("edit counts must be distinct positive integers")
-            return sorted(v)
-        return v
+    _counts = field_validator("at")(classmethod(lambda cls, v: _edit_counts(v)))
 
 
 # per suite: the evaluation metric that health.min_efficacy reads (a per-record success in [0, 1])
@@ -210,14 +212,7 @@ class AuditSpec(_Strict):
     shard_size: int = Field(50, ge=1)
     unedited: bool = True
 
-    @field_validator("at")
-    @classmethod
-    def _counts(cls, v: list[int] | str) -> list[int] | str:
-        if isinstance(v, list):
-            if not v or any(c < 1 for c in v) or len(set(v)) != len(v):
-                raise ValueError("edit counts must be distinct positive integers")
-            return sorted(v)
-        return v
+    _counts = field_validator("at")(classmethod(lambda cls, v: _edit_counts(v)))
 
     @field_validator("suites")
     @classmethod
@@ -298,14 +293,7 @@ class CampaignSpec(_Strict):
             # single edits each start from the base model: a step's checkpoint holds only its last edit
             problems.append("evaluation: mode 'single' has no cumulative model; use scope 'batch' with "
                             "checkpoint_every 1")
-        if isinstance(ev.at, list):
-            per_step = self.batch_size * self.checkpoint_every
-            for c in ev.at:
-                if c > self.edits_per_stream:
-                    problems.append(f"evaluation.at: {c} edits asked, but streams have {self.edits_per_stream}")
-                elif c % per_step and c != self.edits_per_stream:
-                    problems.append(f"evaluation.at: {c} is not the end of a committed step (steps hold "
-                                    f"{per_step} edits: batch_size × checkpoint_every)")
+        problems += self._at_problems("evaluation", ev.at)
         for si, suite in enumerate(ev.suites):
             for di, d in enumerate(self.datasets):
                 if d.record_kind not in SUITE_KINDS[suite]:
@@ -336,13 +324,7 @@ class CampaignSpec(_Strict):
         problems = []
         if self.mode == "single":
             problems.append("audit: mode 'single' has no cumulative model to audit")
-        if isinstance(a.at, list):
-            per_step = self.batch_size * self.checkpoint_every
-            for c in a.at:
-                if c > self.edits_per_stream:
-                    problems.append(f"audit.at: {c} edits asked, but streams have {self.edits_per_stream}")
-                elif c % per_step and c != self.edits_per_stream:
-                    problems.append(f"audit.at: {c} is not the end of a committed step ({per_step} edits per step)")
+        problems += self._at_problems("audit", a.at)
         for si, s in enumerate(a.suites):
             if s.suite in ("uncertainty", "shift") and not s.source:
                 for di, d in enumerate(self.datasets):
@@ -366,18 +348,33 @@ class CampaignSpec(_Strict):
         """Edits a stream has made once ``step`` is committed."""
         return min((step + 1) * self.batch_size * self.checkpoint_every, self.edits_per_stream)
 
+    def _at_problems(self, section: str, at: list[int] | str) -> list[str]:
+        """Edit counts of ``<section>.at`` that do not end a committed step."""
+        if not isinstance(at, list):
+            return []
+        per_step = self.batch_size * self.checkpoint_every
+        out = []
+        for c in at:
+            if c > self.edits_per_stream:
+                out.append(f"{section}.at: {c} edits asked, but streams have {self.edits_per_stream}")
+            elif c % per_step and c != self.edits_per_stream:
+                out.append(f"{section}.at: {c} is not the end of a committed step (steps hold {per_step} edits: "
+                           "batch_size × checkpoint_every)")
+        return out
+
+    def steps_at(self, at: list[int] | str) -> list[int]:
+        """Committed steps matching an ``at:`` schedule (ascending)."""
+        n = self.steps_per_stream()
+        if at == "every_step":
+            return list(range(n))
+        if at == "end":
+            return [n - 1]
+        counts = set(at)
+        return [t for t in range(n) if self.edits_after(t) in counts]
+
     def eval_steps(self) -> list[int]:
         """Committed steps after which the evaluation schedule runs (ascending)."""
-        ev = self.evaluation
-        n = self.steps_per_stream()
-        if ev is None:
-            return []
-        if ev.at == "every_step":
-            return list(range(n))
-        if ev.at == "end":
-            return [n - 1]
-        counts = set(ev.at)
-        return [t for t in range(n) if self.edits_after(t) in counts]
+        return [] if self.evaluation is None else self.steps_at(self.evaluation.at)
 
     @property
     def campaign_id(self) -> str:
