@@ -236,7 +236,7 @@ def _list_eval(store: Store, cid: str, s: StreamInfo) -> list[tuple[int, str, li
     out: list[tuple[int, str, list[int]]] = []
     for step in s.steps:
         for suite in store.list_children(eval_prefix(cid, s.sid, step)):
-            if suite.startswith("."):
+            if suite.startswith(".") or suite in AUDIT_SUITES:  # audits have their own section
                 continue
             shards = eval_parts_done(store, cid, s.sid, step, suite)
             if shards:
@@ -271,6 +271,9 @@ def read_evals(store: Store, cid: str, streams: list[StreamInfo]) -> pd.DataFram
     if not frames:
         return pd.DataFrame()
     return pd.concat(frames, ignore_index=True, sort=False)
+
+
+AUDIT_SUITES = frozenset({"general", "uncertainty", "safety", "shift"})  # rayedit.report.audit reads these
 
 
 def _is_unedited(sid: str) -> bool:
