@@ -11,7 +11,6 @@ import pytest
 import s3server
 from typer.testing import CliRunner
 
-import rayedit.cli.doctor_cmd  # noqa: F401  (registers `doctor` until rayedit/cli/__init__.py imports it)
 from rayedit.cli import app
 from rayedit.runtime import doctor
 

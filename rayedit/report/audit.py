@@ -50,7 +50,7 @@ METRICS: dict[str, tuple[str, ...]] = {
     "safety": ("urr",),
     "shift": ("l2_shift", "rel_shift", "cosine_drift", "D1", "D2"),
 }
-#: (metric, axis label, panel-group rule) drawn per suite
+#: the metric drawn (and shown above the full table) per suite, with its axis label
 HEADLINE: dict[str, tuple[str, str]] = {
     "general": ("f1", "weighted F1 of the generated answer"),
     "uncertainty": ("delta_u", "Δ_U (mean per query)"),
