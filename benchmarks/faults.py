@@ -7,6 +7,7 @@ Each trial runs a small campaign (tiny:llama, memit + alphaedit, 2 streams × 3 
 every step) as a ``rayedit`` CLI driver on one local Ray cluster started here, with an S3 server (moto)
 and a fault-injecting proxy on loopback, injects its fault, runs ``rayedit resume``, and compares every
 committed result with one uninterrupted reference run (tests/faults/faultmatrix.py has the cells).
+Trials run two at a time by default (``--lanes``); S3 cells take turns on the proxy.
 Exit status 1 if any trial did not survive.
 """
 
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the random fault points")
     ap.add_argument("--json", type=Path, default=None, help="also write every trial as JSON here")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
+    ap.add_argument("--lanes", type=int, default=2, help="trials run at the same time (default 2)")
     args = ap.parse_args(argv)
     cells = [c for c in args.cells.split(",") if c] or list(fm.CELLS)
     unknown = [c for c in cells if c not in fm.CELLS]
@@ -46,19 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     harness = fm.start_harness(work)
     print(f"cluster, S3 server, proxy and reference run ready in {time.perf_counter() - t0:.0f} s ({work})",
           flush=True)
-    trials: list[fm.Trial] = []
+
+    def report(t: fm.Trial) -> None:
+        status = "survived" if t.survived else "FAILED"
+        print(f"[{time.perf_counter() - t0:6.0f}s] {t.cell:26s} trial {t.trial}: {status} "
+              f"(lost {t.rows_lost}, dup {t.rows_dup}, {t.seconds:.0f} s) {t.fault}", flush=True)
+        if t.message:
+            print(f"{'':10s}message: {t.message[:200]}", flush=True)
+        for p in t.problems:
+            print(f"{'':10s}problem: {p[:600]}", flush=True)
+
     try:
-        for trial in range(args.trials):  # round-robin over cells: load drifts hit every cell alike
-            for cell in cells:
-                t = fm.run_trial(harness.ctx, cell, trial, seed=args.seed)
-                trials.append(t)
-                status = "survived" if t.survived else "FAILED"
-                print(f"[{time.perf_counter() - t0:6.0f}s] {cell:26s} trial {trial}: {status} "
-                      f"(lost {t.rows_lost}, dup {t.rows_dup}, {t.seconds:.0f} s) {t.fault}", flush=True)
-                if t.message:
-                    print(f"{'':10s}message: {t.message[:200]}", flush=True)
-                for p in t.problems:
-                    print(f"{'':10s}problem: {p[:600]}", flush=True)
+        trials = fm.run_matrix(harness.ctx, cells, args.trials, args.seed, args.lanes, on_trial=report)
     finally:
         harness.stop()
     print()

@@ -25,6 +25,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -44,7 +45,7 @@ from rayedit.store.layout import DELTA, EDITS, eval_part_key, list_streams  # no
 
 CAMPAIGN = "Fault Matrix"
 CID = sanitize_id(CAMPAIGN)
-N_STEPS = 3  # per stream; 2 streams (memit, alphaedit) on tiny:llama
+N_STEPS = 3  # per stream; 2 streams (memit, alphaedit) on tiny:llama (saved as a folder)
 SUITE = "counterfact"
 RUN_TIMEOUT_S = 420.0
 FACTS = [("Paris", "France", "Italy"), ("Rome", "Italy", "Spain"), ("Tokyo", "Japan", "China"),
@@ -54,10 +55,18 @@ VOLATILE = ["seconds", "peak_memory_mb"]  # wall-clock columns differ between an
 
 # --- inputs -------------------------------------------------------------------------------------------
 def write_inputs(folder: Path) -> Path:
-    """The campaign spec (and its CounterFact file) in ``folder``; returns the spec path."""
+    """The campaign spec (its CounterFact file, its model) in ``folder``; returns the spec path.
+
+    The model is tiny:llama saved once as a local folder: every replica of every run loads it in well
+    under a second, where ``tiny:llama`` would train its BPE tokenizer again in each new process (~5 s
+    of CPU per replica, two replicas per driver, two drivers per trial).
+    """
     import yaml
 
+    from rayedit.models import save_tiny_model
+
     folder.mkdir(parents=True, exist_ok=True)
+    model = save_tiny_model("llama", folder / "tiny-llama")
     recs = []
     for i, (s, true, new) in enumerate(FACTS):
         other = FACTS[(i + 1) % len(FACTS)][0]
@@ -71,7 +80,7 @@ def write_inputs(folder: Path) -> Path:
     spec = {
         "name": CAMPAIGN,
         "mode": "sequential_batches",
-        "models": [{"name": "tiny:llama", "replicas": 2}],
+        "models": [{"name": str(model), "replicas": 2}],
         "methods": [{"name": "memit", "hparams": {**fast, "mom2_update_weight": 100}},
                     {"name": "alphaedit", "hparams": fast}],
         "datasets": [{"kind": "counterfact", "path": str(folder / "cf.json")}],
@@ -122,9 +131,24 @@ def alive(pid: int) -> bool:
         return False
 
 
-def replica_workers() -> list[int]:
-    """Our Ray workers that host a ModelReplica actor (their process title starts ``ray::ModelReplica``)."""
-    return [p for p in descendants() if cmdline(p).startswith("ray::ModelReplica")]
+TAG_ENV = "RAYEDIT_FAULT_TAG"  # set in one job's workers (runtime env) so a cell finds its own workers
+
+
+def _environ(pid: int) -> list[bytes]:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return []
+
+
+def replica_workers(tag: str | None = None) -> list[int]:
+    """Our Ray workers that host a ModelReplica actor (process title ``ray::ModelReplica``), optionally
+    only those of the job whose runtime environment carries ``RAYEDIT_FAULT_TAG=tag``."""
+    out = [p for p in descendants() if cmdline(p).startswith("ray::ModelReplica")]
+    if tag is not None:
+        out = [p for p in out if f"{TAG_ENV}={tag}".encode() in _environ(p)]
+    return out
 
 
 def kill_descendant(pid: int) -> bool:
@@ -210,7 +234,9 @@ def start_harness(work: Path) -> Harness:
     os.environ.update(s3.env())
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    # 4 logical CPUs on a 2-core box: two lanes × 2 replicas × 0.5 CPU, plus actors of a killed driver
+    # that Ray is still cleaning up; the lanes, not Ray, bound the concurrency.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     address = ray.get_runtime_context().gcs_address
 
     def stop() -> None:
@@ -517,7 +543,8 @@ def cell_worker_killed(ctx: Ctx, trial: int, rng: random.Random) -> Trial:
     t = Trial("ray-worker-killed", trial)
     uri = _store(ctx, f"store-worker-{trial}")
     target = rng.randint(1, 8)
-    proc = ctx.driver(["run", str(ctx.spec), "--store", uri, "--no-report"])
+    tag = f"worker-{trial}-{os.getpid()}"
+    proc = ctx.driver(["run", str(ctx.spec), "--store", uri, "--no-report"], worker_env={TAG_ENV: tag})
     root = Path(uri)
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while proc.poll() is None and time.monotonic() < deadline:
@@ -526,7 +553,7 @@ def cell_worker_killed(ctx: Ctx, trial: int, rng: random.Random) -> Trial:
             break
         time.sleep(0.05)
     time.sleep(rng.random() * 0.5)
-    workers = [p for p in replica_workers() if alive(p)]
+    workers = [p for p in replica_workers(tag) if alive(p)]
     if proc.poll() is not None or not workers:
         finish(proc, 60)
         return t.fail(f"the run ended before a worker could be killed (target {target} markers)")
@@ -541,6 +568,18 @@ def cell_worker_killed(ctx: Ctx, trial: int, rng: random.Random) -> Trial:
     return _resume_and_compare(ctx, t, uri)
 
 
+_PROXY_LOCK = threading.Lock()  # one S3 cell at a time owns the proxy's rules (and its statistics)
+
+
+def _with_proxy(cell: Callable[[Ctx, int, random.Random], Trial]) -> Callable[[Ctx, int, random.Random], Trial]:
+    def run(ctx: Ctx, trial: int, rng: random.Random) -> Trial:
+        with _PROXY_LOCK:
+            return cell(ctx, trial, rng)
+
+    run.uses_proxy = True  # type: ignore[attr-defined]
+    return run
+
+
 S3_RULES: dict[str, Callable[[random.Random], tuple[list[Rule], dict[str, str]]]] = {
     # slow replies: some shorter, some longer than the 1 s read timeout (a lost reply of a landed write)
     "s3-slow": lambda rng: ([Rule("delay", prob=0.15, max_faults=12, delay_s=(0.3, 2.0))],
@@ -552,6 +591,7 @@ S3_RULES: dict[str, Callable[[random.Random], tuple[list[Rule], dict[str, str]]]
 
 
 def cell_s3(name: str) -> Callable[[Ctx, int, random.Random], Trial]:
+    @_with_proxy
     def run(ctx: Ctx, trial: int, rng: random.Random) -> Trial:
         t = Trial(name, trial)
         bucket = ctx.s3.new_bucket("faults")
@@ -578,6 +618,7 @@ def cell_s3(name: str) -> Callable[[Ctx, int, random.Random], Trial]:
     return run
 
 
+@_with_proxy
 def cell_s3_multipart(ctx: Ctx, trial: int, rng: random.Random) -> Trial:
     """Every attempt of one multipart upload fails (a part, or the completion): the step fails with a
     clear message, the upload is aborted, nothing of it is committed; resume completes."""
@@ -658,3 +699,44 @@ def run_trial(ctx: Ctx, cell: str, trial: int, seed: int = 0) -> Trial:
         t = Trial(cell, trial, problems=[f"{type(exc).__name__}: {exc}"])
     t.seconds = time.perf_counter() - t0
     return t
+
+
+def plan(cells: list[str], trials: int) -> list[tuple[str, int]]:
+    """(cell, trial) in run order: trial by trial, S3 cells interleaved with the others so that two lanes
+    rarely wait for the proxy at the same time."""
+    s3 = [c for c in cells if getattr(CELLS[c], "uses_proxy", False)]
+    rest = [c for c in cells if c not in s3]
+    order: list[str] = []
+    while s3 or rest:
+        for group in (rest, s3):
+            if group:
+                order.append(group.pop(0))
+    return [(c, t) for t in range(trials) for c in order]
+
+
+def run_matrix(ctx: Ctx, cells: list[str], trials: int = 1, seed: int = 0, lanes: int = 2,
+               on_trial: Callable[[Trial], None] | None = None) -> list[Trial]:
+    """Every (cell, trial), ``lanes`` at a time (each lane drives its own campaign on the shared cluster:
+    the work is mostly single-threaded process start-up, so two lanes keep both cores busy)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    todo = plan(list(cells), trials)
+    lock = threading.Lock()
+    out: list[Trial] = []
+
+    def lane() -> None:
+        while True:
+            with lock:
+                if not todo:
+                    return
+                cell, trial = todo.pop(0)
+            t = run_trial(ctx, cell, trial, seed)
+            with lock:
+                out.append(t)
+                if on_trial:
+                    on_trial(t)
+
+    with ThreadPoolExecutor(max_workers=max(1, lanes), thread_name_prefix="fault-lane") as pool:
+        for f in [pool.submit(lane) for _ in range(max(1, lanes))]:
+            f.result()
+    return out
