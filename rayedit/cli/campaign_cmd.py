@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shlex
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -13,6 +15,20 @@ from rayedit.cli.app import app
 def _fail(message: str, code: int = 2) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+@contextmanager
+def store_errors() -> Iterator[None]:
+    """A ``StoreError`` (unsafe campaign id, symlink out of a local store, bad store URI, ...) as one error line,
+    exit 2. Also a decorator: every command that reads a store wears it. Store messages never hold credentials
+    (the store layer redacts URIs)."""
+    from rayedit.store import StoreError
+
+    try:
+        yield
+    except StoreError as exc:
+        text = str(exc).strip()  # first line only: an error re-raised by Ray carries the remote traceback
+        _fail(text.splitlines()[0] if text else type(exc).__name__)
 
 
 @app.command("validate")
@@ -51,6 +67,7 @@ def _write_report(store_uri: str, cid: str) -> None:
 
 
 @app.command("run")
+@store_errors()
 def run_command(
     spec: Path = typer.Argument(..., help="campaign spec (YAML)"),
     store: str | None = typer.Option(None, "--store", help="store URI (default: the spec's `store`)"),
@@ -77,6 +94,7 @@ def run_command(
 
 
 @app.command("stats")
+@store_errors()
 def stats_command(
     spec: Path = typer.Argument(..., help="campaign spec (YAML)"),
     store: str | None = typer.Option(None, "--store", help="store URI (default: the spec's `store`)"),
@@ -96,6 +114,7 @@ def stats_command(
 
 
 @app.command("resume")
+@store_errors()
 def resume_command(
     campaign: str = typer.Argument(..., help="campaign id"),
     store: str = typer.Option(..., "--store", help="store URI"),
@@ -117,6 +136,7 @@ def resume_command(
 
 
 @app.command("status")
+@store_errors()
 def status_command(campaign: str = typer.Argument(...), store: str = typer.Option(..., "--store")) -> None:
     """Per stream: committed/planned steps, evaluation parts; whether the run is going, done or failed."""
     import time
@@ -148,6 +168,7 @@ def status_command(campaign: str = typer.Argument(...), store: str = typer.Optio
 
 
 @app.command("ls")
+@store_errors()
 def ls_command(store: str = typer.Option(..., "--store")) -> None:
     """List the campaigns of a store."""
     from rayedit.runtime.catalog import campaigns

@@ -48,11 +48,12 @@ def _dataset(value: str | None, kind: str, model: str):
 
 def _store(uri: str, create: bool = True):
     from rayedit.store import StoreError, open_store
+    from rayedit.store.uri import redact_uri
 
     try:
         return open_store(uri, create=create)
     except (StoreError, OSError, ValueError) as exc:
-        _fail(f"cannot open store {uri!r}: {exc}")
+        _fail(f"cannot open store {redact_uri(uri)!r}: {exc}")  # never echo credentials
 
 
 def _model_check(model: str) -> tuple[int, int | None]:

@@ -7,6 +7,7 @@ import time
 import typer
 
 from rayedit.cli.app import app
+from rayedit.cli.campaign_cmd import store_errors
 
 
 def print_report_summary(rep, where: str | None = None, seconds: float | None = None) -> None:
@@ -28,6 +29,7 @@ def print_report_summary(rep, where: str | None = None, seconds: float | None = 
 
 
 @app.command("report")
+@store_errors()
 def report_command(
     campaigns: list[str] = typer.Argument(..., help="campaign id(s); several are compared side by side"),
     store: str = typer.Option("runs/store", "--store", help="store URI (local folder or s3://bucket/prefix)"),
@@ -39,12 +41,13 @@ def report_command(
     from rayedit.report import make_report
     from rayedit.store import StoreError, open_store
     from rayedit.store.layout import list_campaigns
+    from rayedit.store.uri import redact_uri
 
     t0 = time.perf_counter()
     try:
         st = open_store(store, create=False)
     except (StoreError, OSError, ValueError) as exc:
-        typer.echo(f"error: cannot open store {store!r}: {exc}", err=True)
+        typer.echo(f"error: cannot open store {redact_uri(store)!r}: {exc}", err=True)  # never echo credentials
         raise typer.Exit(2) from None
     known = set(list_campaigns(st))
     missing = [c for c in campaigns if c not in known]

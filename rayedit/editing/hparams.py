@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+
+from rayedit.safe_yaml import expanded_size, yaml_error_line
 
 NullspaceMode = Literal["threshold", "energy", "auto"]  # auto: threshold, energy if that selects none/all
 FactToken = Literal["subject_last", "subject_first", "subject_first_after_last", "last"]
@@ -21,7 +23,7 @@ class _Base(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     method: str
-    layers: list[int] = Field(default_factory=list)
+    layers: list[StrictInt] = Field(default_factory=list)  # strict: YAML `true` (or 1.0) is not layer 1
     solve_dtype: Literal["float64", "float32"] = "float64"  # [OURS] fp64 solves (§9)
     template_seed: int = 0  # [OURS] seeded context templates (§2.3)
     provenance: str = "default"  # preset name, "rule", or "proposed"
@@ -122,7 +124,7 @@ class MoseHparams(_Base, _TargetFields, _StatsFields):
     method: Literal["mose"] = "mose"
     variant: Literal["procrustes"] = "procrustes"
     layer_selection: Literal["fixed", "mose"] = "fixed"
-    candidate_layers: list[int] | None = None  # for layer_selection: mose (default: lower half, no layer 0)
+    candidate_layers: list[StrictInt] | None = None  # for layer_selection: mose (default: lower half, no layer 0)
     mose_lambda: float | None = Field(None, gt=0, allow_inf_nan=False)  # absolute λ, else relative:
     mose_lambda_rel: float = Field(1.0, gt=0, allow_inf_nan=False)  # λ = ρ·mean‖Wk‖² / (tr(G)/d_out)
     mose_protect_past: float = Field(0.0, ge=0, allow_inf_nan=False)  # γ·W C_p Wᵀ of past edit keys
@@ -138,7 +140,7 @@ class MoseOftHparams(_Base):
     lr: float = Field(5e-4, gt=0, allow_inf_nan=False)
     num_steps: int = Field(25, ge=1, le=10_000)
     batch_size: int = Field(1, ge=1)
-    radius_factor: float = Field(1e-5, gt=0)
+    radius_factor: float = Field(1e-5, gt=0, allow_inf_nan=False)
 
 
 HPARAMS: dict[str, type[_Base]] = {
@@ -311,15 +313,23 @@ def resolve_hparams(method: str, model_name: str, n_layers: int, overrides: dict
     return hp
 
 
+MAX_OVERRIDE_VALUES = 10_000
+
+
 def load_overrides(path: str | Path) -> dict[str, Any]:
     """Hyperparameter overrides from a YAML file (a mapping)."""
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+    except OSError as exc:
         raise ValueError(f"{p}: cannot read hyperparameters: {exc}") from None
+    except yaml.YAMLError as exc:  # one line: PyYAML's own message spans several, with a source snippet
+        raise ValueError(f"{p}: cannot read hyperparameters: {yaml_error_line(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"{p}: hyperparameters must be a mapping, got {type(data).__name__}")
+    if expanded_size(data, MAX_OVERRIDE_VALUES) > MAX_OVERRIDE_VALUES:  # YAML aliases can expand enormously
+        raise ValueError(f"{p}: hyperparameters hold more than {MAX_OVERRIDE_VALUES} values (with YAML aliases "
+                         "expanded)")
     return data

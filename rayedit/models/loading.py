@@ -99,6 +99,21 @@ def _check_model_type(path_or_name: str, revision: str | None) -> str:
     return cfg.model_type
 
 
+_PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def _check_safetensors(path_or_name: str) -> None:
+    """A local folder must hold safetensors weights: pickle checkpoints (pytorch_model.bin) can run code when
+    loaded, so they are refused by name here rather than left to torch's unpickler."""
+    folder = Path(path_or_name)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):
+        return
+    pickles = sorted(p.name for pattern in _PICKLE_WEIGHTS for p in folder.glob(pattern))
+    found = f" (found {', '.join(pickles)}: pickle checkpoints are never loaded; convert them to safetensors)" \
+        if pickles else ""
+    raise ModelLoadError(f"cannot load model {path_or_name!r}: no safetensors weights in the folder{found}")
+
+
 def load_model(
     path_or_name: str,
     dtype: str | torch.dtype = "float32",
@@ -111,14 +126,19 @@ def load_model(
 
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     _check_model_type(path_or_name, revision)
+    _check_safetensors(path_or_name)
     try:
         tok = AutoTokenizer.from_pretrained(path_or_name, revision=revision)
-        kwargs: dict = {"revision": revision, "dtype": torch_dtype}
+        # safetensors only, for hub names too: transformers would otherwise fall back to pytorch_model.bin
+        kwargs: dict = {"revision": revision, "dtype": torch_dtype, "use_safetensors": True}
         if device_map is not None:
             kwargs["device_map"] = device_map
         model = AutoModelForCausalLM.from_pretrained(path_or_name, **kwargs)
     except Exception as exc:
-        raise ModelLoadError(f"cannot load model {path_or_name!r}: {str(exc).strip().splitlines()[0]}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "use_safetensors" in first:  # transformers' advice (drop use_safetensors=True) is not ours to give
+            first = "no safetensors weights (pickle checkpoints such as pytorch_model.bin are never loaded)"
+        raise ModelLoadError(f"cannot load model {path_or_name!r}: {first}") from exc
     if device is not None and device_map is None:
         model.to(device)
     model.eval()

@@ -10,6 +10,7 @@ import difflib
 import itertools
 import json
 import random
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,9 +19,30 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rayedit.data.requests import EditRequest
+from rayedit.safe_yaml import expanded_size, yaml_error_line
 from rayedit.store import sanitize_id
 
 Mode = Literal["sequential_batches", "sequential", "single", "batch"]
+# a real spec has a few hundred values; YAML aliases let a few lines stand for billions
+MAX_SPEC_VALUES = 10_000
+MAX_PROBLEM_CHARS = 1000  # one problem line, whatever a spec quotes into it
+
+_REPR = reprlib.Repr()  # Python 3.11: limits are attributes, not constructor arguments
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 2, 4, 4, 4, 4
+_REPR.maxstring = _REPR.maxother = 60
+
+
+def _short(value: Any) -> str:
+    """``repr`` of an input value for an error message, shortened (a spec value can be megabytes)."""
+    return _REPR.repr(value)
+
+
+def _clip(text: str, limit: int = MAX_PROBLEM_CHARS) -> str:
+    """``text`` with its middle elided past ``limit`` characters (the start says where, the end says why)."""
+    if len(text) <= limit:
+        return text
+    head = limit * 2 // 3
+    return f"{text[:head]} … {text[len(text) - (limit - head - 3):]}"
 
 
 class _Strict(BaseModel):
@@ -57,7 +79,7 @@ def toyworld_seed(name: str) -> int | None:
         return None
     tail = name.split(":", 1)[1] or "0"
     if not tail.isdigit():
-        raise ValueError(f"toy world model must be 'toyworld:<seed>' with an integer seed, got {name!r}")
+        raise ValueError(f"toy world model must be 'toyworld:<seed>' with an integer seed, got {_short(name)}")
     return int(tail)
 
 
@@ -76,7 +98,7 @@ class ModelSpec(_Strict):
 
             fam = v.split(":", 1)[1]
             if fam not in TINY_FAMILIES:
-                raise ValueError(f"unknown tiny family {fam!r}; choose one of {', '.join(TINY_FAMILIES)}")
+                raise ValueError(f"unknown tiny family {_short(fam)}; choose one of {', '.join(TINY_FAMILIES)}")
         toyworld_seed(v)
         return v
 
@@ -92,7 +114,7 @@ class MethodSpec(_Strict):
         from rayedit.editing import METHODS
 
         if v not in METHODS:
-            raise ValueError(f"unknown method {v!r}; choose one of {', '.join(METHODS)}")
+            raise ValueError(f"unknown method {_short(v)}; choose one of {', '.join(METHODS)}")
         return v
 
     @field_validator("grid")
@@ -100,7 +122,7 @@ class MethodSpec(_Strict):
     def _grid_nonempty(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
         for k, vals in v.items():
             if not vals:
-                raise ValueError(f"grid value list for {k!r} is empty")
+                raise ValueError(f"grid value list for {_short(k)} is empty")
         return v
 
     def variants(self) -> list[tuple[str, dict[str, Any]]]:
@@ -262,7 +284,7 @@ class CampaignSpec(_Strict):
     def _safe_name(cls, v: str) -> str:
         # the campaign id becomes a store key: refuse path-like names instead of silently rewriting them
         if "/" in v or "\\" in v or ".." in v or any(ord(c) < 32 for c in v):
-            raise ValueError(f"campaign name {v!r} must not contain '/', '\\', '..' or control characters")
+            raise ValueError(f"campaign name {_short(v)} must not contain '/', '\\', '..' or control characters")
         return v
 
     @field_validator("store")
@@ -431,31 +453,40 @@ class SpecError(ValueError):
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc) or "<root>"
+    # an unknown key is part of the path: quote it shortened like any input value
+    return ".".join(str(p) if len(str(p)) <= 60 else _short(p) for p in loc) or "<root>"
 
 
 def parse_spec(data: Any, origin: str = "spec") -> CampaignSpec:
     if not isinstance(data, dict):
         raise SpecError([f"<root>: {origin} must be a mapping, got {type(data).__name__}"])
+    if expanded_size(data, MAX_SPEC_VALUES) > MAX_SPEC_VALUES:  # before anything walks it (alias bombs)
+        raise SpecError([f"<root>: {origin} has more than {MAX_SPEC_VALUES} values once its YAML aliases are "
+                         "expanded; a campaign spec has a few hundred"])
     try:
         return CampaignSpec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError([f"{_loc(e['loc'])}: {e['msg']}" for e in exc.errors()]) from None
+        raise SpecError([_clip(f"{_loc(e['loc'])}: {e['msg']}") for e in exc.errors()]) from None
+
+
+def _load_yaml(text: str, origin: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:  # one line: PyYAML's own message spans several, with a source snippet
+        raise SpecError([f"<root>: {origin} is not valid YAML: {yaml_error_line(exc)}"]) from None
 
 
 def load_spec(path: str | Path) -> CampaignSpec:
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text()
     except FileNotFoundError:
         raise SpecError([f"<root>: spec file not found: {p}"]) from None
-    except yaml.YAMLError as exc:
-        raise SpecError([f"<root>: {p} is not valid YAML: {exc}"]) from None
-    return parse_spec(data, str(p))
+    return parse_spec(_load_yaml(text, str(p)), str(p))
 
 
 def spec_from_yaml(text: str, origin: str = "frozen spec") -> CampaignSpec:
-    return parse_spec(yaml.safe_load(text), origin)
+    return parse_spec(_load_yaml(text, origin), origin)
 
 
 def spec_diff(frozen: str, new: str) -> str:
@@ -629,11 +660,12 @@ def deep_check(spec: CampaignSpec, base_dir: Path | None = None, notes: list[str
 
     for mi, m in enumerate(spec.models):
         if m.name.startswith(("/", "./", "../", "~")) and not Path(m.name).expanduser().exists():
-            problems.append(f"models.{mi}.name: local model folder {m.name!r} does not exist")
+            problems.append(f"models.{mi}.name: local model folder {_short(m.name)} does not exist")
             continue
         shape = _model_layers(m.name)
         if shape is None:
-            notes.append(f"models: config of {m.name!r} cannot be read offline; hyperparameter/layer checks skipped")
+            notes.append(f"models: config of {_short(m.name)} cannot be read offline; hyperparameter/layer checks "
+                         "skipped")
             continue
         for ji, meth in enumerate(spec.methods):
             for label, hp in meth.variants():
@@ -643,7 +675,8 @@ def deep_check(spec: CampaignSpec, base_dir: Path | None = None, notes: list[str
                     resolved = resolve_hparams(meth.name, model_id(m.name), shape[0], hp, d_ff=shape[1])
                 except ValueError as exc:
                     where = f"methods.{ji}.{'grid' if meth.grid else 'hparams'}"
-                    problems.append(f"{where}: {exc} (model {m.name}, {label})")
+                    # the label spells out the grid values: a huge one must not fill the terminal
+                    problems.append(_clip(f"{where}: {exc} (model {_clip(m.name, 100)}, {_clip(label, 100)})"))
                     continue
                 if meth.name == "same" and mi == 0:
                     problems += _safety_prompt_problems(f"methods.{ji}.hparams", resolved, base_dir)

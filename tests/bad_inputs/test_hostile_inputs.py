@@ -4,9 +4,8 @@ hyperparameters, an alias bomb. Each case asserts that nothing was written outsi
 prefix (nothing at all for refused commands), that no pickle payload ran, and that the command ends
 with one clear error line naming the problem.
 
-Cases that still print a traceback (or several lines) are listed in ``KNOWN`` with the fix they need
-(in files this corpus does not own); for them the one-line assertion is an expected failure, and a
-case that starts passing must be taken out of ``KNOWN`` (strict).
+A case that still printed a traceback (or several lines) would be listed in ``KNOWN`` with the fix it
+needs; for it the one-line assertion is a strict expected failure. None is left.
 """
 
 from __future__ import annotations
@@ -25,34 +24,7 @@ from typer.testing import CliRunner
 from rayedit.cli import app
 
 CID = "bad-input-case"  # sanitize_id of the corpus spec's name
-FIX_CLI_STORE_ERRORS = ("rayedit/cli/campaign_cmd.py (run/resume/status/ls/stats) and report_cmd.py: catch "
-                        "rayedit.store.StoreError (UnsafeKeyError for ids and symlinks) and print one "
-                        "'error: ...' line, exit 2")
-FIX_YAML_ONE_LINE = ("rayedit/runtime/spec.py load_spec: format yaml.YAMLError as one line "
-                     "(problem + line/column), not PyYAML's multi-line mark")
-FIX_MODEL_SAFETENSORS = ("rayedit/models/loading.py: from_pretrained(..., use_safetensors=True) so a pickle-only "
-                         "model folder is refused as 'no safetensors weights' (and torch's unpickler never runs)")
-KNOWN = {
-    "resume-dotdot": FIX_CLI_STORE_ERRORS,
-    "resume-slash": FIX_CLI_STORE_ERRORS,
-    "symlinked-campaigns:run": FIX_CLI_STORE_ERRORS,
-    "symlinked-campaigns:status": FIX_CLI_STORE_ERRORS,
-    "symlinked-campaigns:resume": FIX_CLI_STORE_ERRORS,
-    "symlinked-campaigns:ls": FIX_CLI_STORE_ERRORS,
-    "symlinked-campaigns:report": FIX_CLI_STORE_ERRORS,
-    "symlinked-campaign-folder:status": FIX_CLI_STORE_ERRORS,
-    "symlinked-campaign-folder:resume": FIX_CLI_STORE_ERRORS,
-    "symlinked-campaign-folder:run": FIX_CLI_STORE_ERRORS,
-    "yaml-python-tag": FIX_YAML_ONE_LINE,
-    "yaml-python-tag-hparams": ("rayedit/editing/hparams.py load_overrides: same one-line YAML error "
-                                "(problem + line/column)"),
-    "pickle-model-weights": FIX_MODEL_SAFETENSORS,
-    **{f"{case}:flag": FIX_CLI_STORE_ERRORS for case in ("s3-userinfo", "s3-query-secret", "file-host", "s3-port")},
-    "radius-factor-inf": "rayedit/editing/hparams.py: mose_oft radius_factor Field(..., allow_inf_nan=False)",
-    "bool-layer": "rayedit/editing/hparams.py: layers: list[StrictInt] (YAML 'true' is not layer 1)",
-    "alias-bomb-in-grid": ("rayedit/runtime/spec.py: shorten values quoted in error messages (reprlib) and bound "
-                           "the node count of a loaded spec (YAML aliases)"),
-}
+KNOWN: dict[str, str] = {}  # case -> the fix it needs (strict expected failures); none left
 
 
 def tree(root: Path) -> dict[str, bytes | str]:
@@ -372,6 +344,18 @@ def test_alias_bomb_is_refused_with_a_short_message(where: str, cwd: Path) -> No
         pytest.fail(f"{case}: {len(res.stderr)} bytes, {len(error_lines(res))} lines of error output")
     if case in KNOWN:
         pytest.fail(f"{case} now ends with one short line: take it out of KNOWN")
+
+
+def test_alias_bomb_in_an_hparams_file_is_refused(tmp_path: Path) -> None:
+    from rayedit.editing.hparams import load_overrides
+
+    f = tmp_path / "hp.yaml"
+    f.write_text(f"layers: {_alias_bomb(6)}\n")  # 9**6 = 531441 values once expanded
+    with pytest.raises(ValueError, match=r"hp.yaml: hyperparameters hold more than 10000 values") as err:
+        load_overrides(f)
+    assert len(str(err.value)) < 300
+    f.write_text(f"layers: {_alias_bomb(2)}\n")  # 81 values: an ordinary file still loads
+    assert len(load_overrides(f)["layers"]) == 9
 
 
 def test_huge_file_one_bad_record_at_the_end_names_it_in_one_line(cwd: Path) -> None:
