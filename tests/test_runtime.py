@@ -117,6 +117,36 @@ def test_stream_ids_and_grid(tmp_path: Path) -> None:
     assert sids == [s.sid for s in streams(CampaignSpec.model_validate(d))]  # deterministic
 
 
+def test_method_preset_file_is_inlined_into_the_spec(tmp_path: Path) -> None:
+    """``methods[i].preset``: the file's hparams become the stream's (own hparams override them), with the
+    preset's provenance; the parsed spec no longer needs the file; a preset for another method is refused."""
+    from rayedit.editing import resolve_hparams
+    from rayedit.locate.presets import Preset, PresetProvenance, save_preset
+
+    prov = PresetProvenance(campaign="sweep-1", objective="eff x spec", statement="best of 4", score=0.9)
+    save_preset(Preset(method="memit", model="tiny:llama", provenance=prov,
+                       hparams={"layers": [1], "v_lr": 0.25, "clamp_norm_factor": 2.0}), tmp_path / "p.yaml")
+    data = _write_requests(tmp_path / "r.jsonl")
+    d = _spec_dict(data)
+    d["methods"] = [{"name": "memit", "preset": "p.yaml", "hparams": {"v_lr": 0.1}}]
+    spec_path = _write_spec(tmp_path, d)
+    spec = load_spec(spec_path)
+    [stream] = streams(spec)
+    assert stream.hparams["layers"] == [1] and stream.hparams["clamp_norm_factor"] == 2.0
+    assert stream.hparams["v_lr"] == 0.1  # the spec's own value wins
+    hp = resolve_hparams("memit", "tiny:llama", 2, stream.hparams)
+    assert hp.provenance == "preset-file:sweep-1" and hp.layers == [1]
+    (tmp_path / "p.yaml").unlink()  # a frozen spec (re-parsed from its YAML) does not need the file any more
+    assert streams(parse_spec(spec.model_dump(mode="json")))[0].hparams == stream.hparams
+
+    save_preset(Preset(method="alphaedit", model="tiny:llama", provenance=prov, hparams={}), tmp_path / "a.yaml")
+    d["methods"] = [{"name": "memit", "preset": "a.yaml"}, {"name": "memit", "preset": "missing.yaml"}]
+    with pytest.raises(SpecError) as ei:
+        load_spec(_write_spec(tmp_path, d, "bad.yaml"))
+    assert "methods.0.preset: a.yaml is a preset for alphaedit, not 'memit'" in str(ei.value)
+    assert "methods.1.preset:" in str(ei.value) and "not found" in str(ei.value)
+
+
 # --- Ray end to end -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_local(s3_server):

@@ -105,6 +105,10 @@ class ModelSpec(_Strict):
 
 class MethodSpec(_Strict):
     name: str
+    # a preset file (`rayedit presets suggest|rank`): when the spec file is loaded its hyperparameters are
+    # copied into ``hparams`` (which override them), so the frozen spec holds the numbers and a resume never
+    # depends on the file again
+    preset: str | None = None
     hparams: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)  # each combination becomes its own stream
 
@@ -482,7 +486,38 @@ def load_spec(path: str | Path) -> CampaignSpec:
         text = p.read_text()
     except FileNotFoundError:
         raise SpecError([f"<root>: spec file not found: {p}"]) from None
-    return parse_spec(_load_yaml(text, str(p)), str(p))
+    data = _load_yaml(text, str(p))
+    _inline_presets(data, p.parent)
+    return parse_spec(data, str(p))
+
+
+def _inline_presets(data: Any, base_dir: Path) -> None:
+    """Copy each ``methods[i].preset`` file's hyperparameters under that method's own ``hparams``."""
+    methods = data.get("methods") if isinstance(data, dict) else None
+    if not isinstance(methods, list):
+        return  # parse_spec reports the shape
+    from rayedit.locate.presets import PresetError, load_preset
+
+    problems = []
+    for i, m in enumerate(methods):
+        if not isinstance(m, dict) or not isinstance(m.get("preset"), str):
+            continue
+        if isinstance(m.get("hparams"), dict) and "provenance" in m["hparams"]:
+            continue  # already inlined (a frozen spec written back to a file)
+        try:
+            preset = load_preset(resolve_data_path(m["preset"], base_dir))
+        except PresetError as exc:
+            problems.append(_clip(f"methods.{i}.preset: {exc}"))
+            continue
+        if m.get("name") not in (None, preset.method):
+            problems.append(f"methods.{i}.preset: {m['preset']} is a preset for {preset.method}, "
+                            f"not {_short(m['name'])}")
+            continue
+        m.setdefault("name", preset.method)
+        own = m.get("hparams") if isinstance(m.get("hparams"), dict) else {}
+        m["hparams"] = preset.overrides() | own
+    if problems:
+        raise SpecError(problems)
 
 
 def spec_from_yaml(text: str, origin: str = "frozen spec") -> CampaignSpec:
