@@ -8,7 +8,10 @@ export RAY_AUTH_MODE=disabled RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 # one toy-world build per checkout, shared by the main job, the tests and the benchmarks
 export RAYEDIT_TOYWORLD_CACHE="${RAYEDIT_TOYWORLD_CACHE:-$PWD/.rayedit/toyworld-cache}"
 .venv/bin/ruff check rayedit tests benchmarks || exit 1
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# Two workers (pytest-xdist), a test file per worker at a time (module fixtures such as a Ray cluster or an
+# edited toy model are built once): most tests wait on Ray, subprocesses or one torch thread, so the two
+# cores were half idle with one worker.
+.venv/bin/python -m pytest -q -p no:cacheprovider -n "${RAYEDIT_TEST_WORKERS:-2}" --dist loadfile "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "pytest collected no tests: failing" >&2
