@@ -27,8 +27,18 @@ def store_errors() -> Iterator[None]:
     try:
         yield
     except StoreError as exc:
-        text = str(exc).strip()  # first line only: an error re-raised by Ray carries the remote traceback
-        _fail(text.splitlines()[0] if text else type(exc).__name__)
+        _fail(error_line(exc))
+
+
+def error_line(exc: BaseException) -> str:
+    """The first line of an error's message. An error raised inside a Ray actor arrives as a RayTaskError
+    (also an instance of the original class) whose text starts with the remote traceback's header
+    ("ray::ModelReplica.step() (pid=...)"): its original error (``cause``) says what went wrong."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and cause is not exc:
+        exc = cause
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @app.command("validate")
