@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
-from rayedit.safe_yaml import expanded_size, yaml_error_line
+from ..safe_yaml import expanded_size, yaml_error_line
 
 NullspaceMode = Literal["threshold", "energy", "auto"]  # auto: threshold, energy if that selects none/all
 FactToken = Literal["subject_last", "subject_first", "subject_first_after_last", "last"]
