@@ -16,6 +16,7 @@ import yaml
 
 _END = object()
 MAX_PROBLEM_CHARS = 200  # a tag or token quoted by PyYAML can be arbitrarily long
+MAX_VALUES = 10_000  # a spec or hparams file holds a few hundred values; aliases can make billions
 
 
 def yaml_error_line(exc: yaml.YAMLError) -> str:
@@ -50,4 +51,4 @@ def expanded_size(data: Any, limit: int) -> int:
     return n
 
 
-__all__ = ["expanded_size", "yaml_error_line"]
+__all__ = ["MAX_VALUES", "expanded_size", "yaml_error_line"]

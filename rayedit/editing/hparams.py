@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
-from ..safe_yaml import expanded_size, yaml_error_line
+from ..safe_yaml import MAX_VALUES, expanded_size, yaml_error_line
 
 NullspaceMode = Literal["threshold", "energy", "auto"]  # auto: threshold, energy if that selects none/all
 FactToken = Literal["subject_last", "subject_first", "subject_first_after_last", "last"]
@@ -313,9 +313,6 @@ def resolve_hparams(method: str, model_name: str, n_layers: int, overrides: dict
     return hp
 
 
-MAX_OVERRIDE_VALUES = 10_000
-
-
 def load_overrides(path: str | Path) -> dict[str, Any]:
     """Hyperparameter overrides from a YAML file (a mapping)."""
     p = Path(path)
@@ -329,7 +326,7 @@ def load_overrides(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"{p}: hyperparameters must be a mapping, got {type(data).__name__}")
-    if expanded_size(data, MAX_OVERRIDE_VALUES) > MAX_OVERRIDE_VALUES:  # YAML aliases can expand enormously
-        raise ValueError(f"{p}: hyperparameters hold more than {MAX_OVERRIDE_VALUES} values (with YAML aliases "
+    if expanded_size(data, MAX_VALUES) > MAX_VALUES:  # YAML aliases can expand enormously
+        raise ValueError(f"{p}: hyperparameters hold more than {MAX_VALUES} values (with YAML aliases "
                          "expanded)")
     return data

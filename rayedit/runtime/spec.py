@@ -19,12 +19,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rayedit.data.requests import EditRequest
-from rayedit.safe_yaml import expanded_size, yaml_error_line
+from rayedit.safe_yaml import MAX_VALUES, expanded_size, yaml_error_line
 from rayedit.store import sanitize_id
 
 Mode = Literal["sequential_batches", "sequential", "single", "batch"]
-# a real spec has a few hundred values; YAML aliases let a few lines stand for billions
-MAX_SPEC_VALUES = 10_000
 MAX_PROBLEM_CHARS = 1000  # one problem line, whatever a spec quotes into it
 
 _REPR = reprlib.Repr()  # Python 3.11: limits are attributes, not constructor arguments
@@ -464,8 +462,8 @@ def _loc(loc: tuple[Any, ...]) -> str:
 def parse_spec(data: Any, origin: str = "spec") -> CampaignSpec:
     if not isinstance(data, dict):
         raise SpecError([f"<root>: {origin} must be a mapping, got {type(data).__name__}"])
-    if expanded_size(data, MAX_SPEC_VALUES) > MAX_SPEC_VALUES:  # before anything walks it (alias bombs)
-        raise SpecError([f"<root>: {origin} has more than {MAX_SPEC_VALUES} values once its YAML aliases are "
+    if expanded_size(data, MAX_VALUES) > MAX_VALUES:  # before anything walks it (alias bombs)
+        raise SpecError([f"<root>: {origin} has more than {MAX_VALUES} values once its YAML aliases are "
                          "expanded; a campaign spec has a few hundred"])
     try:
         return CampaignSpec.model_validate(data)
