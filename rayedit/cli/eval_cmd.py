@@ -20,8 +20,9 @@ class CliError(Exception):
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
+    from rayedit.cli.campaign_cmd import error_line
+
+    line = error_line(exc)
     problems = getattr(exc, "problems", None)  # dataset validation errors list every bad record
     if problems:
         line += f"; first problem: {problems[0]}"
