@@ -117,6 +117,19 @@ def test_stream_ids_and_grid(tmp_path: Path) -> None:
     assert sids == [s.sid for s in streams(CampaignSpec.model_validate(d))]  # deterministic
 
 
+def test_toyworld_model_stats_corpus_is_per_model(tmp_path: Path) -> None:
+    """``stats_corpus: toyworld:model``: each toy-world model's statistics come from its own world's corpus;
+    any other model is refused by index before anything runs."""
+    root = Path(__file__).resolve().parents[1]
+    spec, problems = validate_spec_file(root / "jobs" / "audit-toyworld.yaml")
+    assert problems == [] and spec is not None
+    assert [spec.stats_corpus_for(i) for i in range(len(spec.models))] == ["toyworld:0", "toyworld:1"]
+    d = _spec_dict(_write_requests(tmp_path / "r.jsonl"), stats_corpus="toyworld:model")
+    with pytest.raises(SpecError) as ei:
+        load_spec(_write_spec(tmp_path, d))
+    assert "stats_corpus 'toyworld:model' needs toy-world models; not: models.0 ('tiny:llama')" in str(ei.value)
+
+
 def test_method_preset_file_is_inlined_into_the_spec(tmp_path: Path) -> None:
     """``methods[i].preset``: the file's hparams become the stream's (own hparams override them), with the
     preset's provenance; the parsed spec no longer needs the file; a preset for another method is refused."""

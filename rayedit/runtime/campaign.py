@@ -170,7 +170,7 @@ def build_jobs(spec: CampaignSpec, base_dir: Path | None) -> list[tuple[int, Str
         out.append((s.model_index, StreamJob(
             cid=spec.campaign_id, sid=s.sid, model=s.model, method=s.method, method_label=s.method_label,
             hparams=hparams, dataset=s.dataset, seed=s.seed, mode=spec.mode, batch_size=spec.batch_size,
-            checkpoint_every=spec.checkpoint_every, stats_corpus=spec.stats_corpus,
+            checkpoint_every=spec.checkpoint_every, stats_corpus=spec.stats_corpus_for(s.model_index),
             requests=[request_of(r).model_dump() for r in recs]), [r.model_dump() for r in recs]))
     return out
 

@@ -275,6 +275,8 @@ class CampaignSpec(_Strict):
     batch_size: int = Field(1, ge=1)
     checkpoint_every: int = Field(1, ge=1)  # batches per committed step
     store: str = "runs/store"
+    # a JSONL/text file, a `datasets` name, "builtin:general", "toyworld:<seed>", or "toyworld:model" (each
+    # toy-world model's own corpus: the statistics must describe the keys of the model being edited)
     stats_corpus: str = "builtin:general"
     stats_samples: int | None = Field(None, ge=1)  # default for mom2_n_samples unless a method overrides it
     evaluation: EvaluationSpec | None = None
@@ -306,6 +308,21 @@ class CampaignSpec(_Strict):
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError("seeds must be distinct")
         return self
+
+    @model_validator(mode="after")
+    def _stats_corpus(self) -> CampaignSpec:
+        if self.stats_corpus == "toyworld:model":
+            bad = [f"models.{mi} ({_short(m.name)})" for mi, m in enumerate(self.models)
+                   if toyworld_seed(m.name) is None]
+            if bad:
+                raise ValueError(f"stats_corpus 'toyworld:model' needs toy-world models; not: {', '.join(bad)}")
+        return self
+
+    def stats_corpus_for(self, model_index: int) -> str:
+        """The statistics corpus of one model (resolves ``toyworld:model`` to that model's world)."""
+        if self.stats_corpus == "toyworld:model":
+            return f"toyworld:{toyworld_seed(self.models[model_index].name)}"
+        return self.stats_corpus
 
     @model_validator(mode="after")
     def _evaluation(self) -> CampaignSpec:

@@ -112,7 +112,7 @@ def run_stage(spec: Any, store: Store, actors: list[tuple[int, Any]], note: Any 
     by_model: dict[int, list[Any]] = {}
     for mi, a in actors:
         by_model.setdefault(mi, []).append(a)
-    plans = [by_model[mi][0].stats_plan.remote(mi, method, hp, spec.stats_corpus)
+    plans = [by_model[mi][0].stats_plan.remote(mi, method, hp, spec.stats_corpus_for(mi))
              for mi, method, hp in variants.values() if mi in by_model]
     groups: dict[tuple[int, str, tuple[int, ...]], StatsGroup] = {}
     for g in ray.get(plans):
