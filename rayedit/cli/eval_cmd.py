@@ -85,7 +85,8 @@ def format_summary(summary: dict[str, dict[str, Any]]) -> str:
 
 @app.command("eval")
 def eval_command(
-    model: str = typer.Option(..., "--model", "-m", help="Hub name, local model folder, or tiny:<family>."),
+    model: str = typer.Option(
+        ..., "--model", "-m", help="Hub name, local model folder, .gguf file, smollm2-135m, or tiny:<family>."),
     dataset: str = typer.Option(..., "--dataset", "-d",
                                 help="CounterFact or ZsRE file (JSON/JSONL) or hub name."),
     kind: str | None = typer.Option(None, "--kind",

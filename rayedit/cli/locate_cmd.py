@@ -128,7 +128,8 @@ def _kinds(value: str) -> tuple[str, ...]:
 
 @app.command("trace")
 def trace_command(
-    model: str = typer.Option(..., "--model", help="hub name, local folder, tiny:<family> or toyworld:<seed>"),
+    model: str = typer.Option(
+        ..., "--model", help="hub name, local folder, .gguf, smollm2-135m, tiny:<family> or toyworld:<seed>"),
     dataset: str | None = typer.Option(None, "--dataset", help=DATASET_HELP),
     dataset_kind: str = typer.Option("counterfact", "--dataset-kind", help="counterfact | zsre | requests"),
     limit: int = typer.Option(32, "--limit", min=1, help="facts to trace (a seeded sample)"),
@@ -183,7 +184,8 @@ def trace_command(
 
 @app.command("scan")
 def scan_command(
-    model: str = typer.Option(..., "--model", help="hub name, local folder, tiny:<family> or toyworld:<seed>"),
+    model: str = typer.Option(
+        ..., "--model", help="hub name, local folder, .gguf, smollm2-135m, tiny:<family> or toyworld:<seed>"),
     dataset: str | None = typer.Option(None, "--dataset", help=DATASET_HELP),
     method: str = typer.Option("memit", "--method"),
     windows: list[str] = typer.Option([], "--window", help="candidate layers, repeatable: '1-2', '3', '1,3' "
@@ -255,7 +257,8 @@ def _floats(value: str, what: str) -> tuple[float, ...]:
 
 @presets_app.command("suggest")
 def suggest_command(
-    model: str = typer.Argument(..., help="hub name, local folder, tiny:<family> or toyworld:<seed>"),
+    model: str = typer.Argument(
+        ..., help="hub name, local folder, .gguf, smollm2-135m, tiny:<family> or toyworld:<seed>"),
     out: Path = typer.Option(..., "--out", help="preset file to write (YAML)"),
     dataset: str | None = typer.Option(None, "--dataset", help=DATASET_HELP),
     method: str = typer.Option("memit", "--method"),

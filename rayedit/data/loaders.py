@@ -23,6 +23,12 @@ Layouts
     ``relation_id``?}, ``paraphrase_prompts``, ``neighborhood_prompts``, ``attribute_prompts``,
     ``generation_prompts`` (lists of strings). Other keys (``pararel_idx``) are ignored.
 
+    *CounterFact, simplified* (EasyEdit's ``counterfact-edit.json``): ``case_id``, ``prompt`` (the subject
+    written out, no ``{}``), ``subject`` (located in the prompt: a prompt without it is a bad record),
+    ``target_new``, ``ground_truth``, ``rephrase_prompt``?, ``locality_prompt``? and
+    ``locality_ground_truth``? (must equal ``ground_truth``). Picked when a record has ``ground_truth`` and
+    no ``requested_rewrite``; fluency uses the prompt and its paraphrase as generation prompts.
+
     *ZsRE* (MEND eval layout): ``subject``, ``src`` (a question containing the subject exactly
     once), ``rephrase``, ``answers`` (non-empty list of strings), ``alt``, ``loc``
     (``"nq question: ..."``), ``loc_ans``; optional ``case_id``/``id`` (default: the record index).
@@ -299,7 +305,58 @@ class _Checker:
 # per-kind record parsers: (checker, raw record, options) -> normalised record or None
 
 
+def _subject_template(c: _Checker, prompt: str, subject: str, path: str) -> tuple[str, str] | None:
+    """(prompt with ``{}`` at the subject, the subject as written in the prompt): the simplified layout writes
+    the subject out, so its position is found, not assumed (first occurrence; case-insensitive fallback)."""
+    if "{" in prompt or "}" in prompt:
+        c.add(path, f"has a brace in a prompt that writes its subject out: {prompt!r}")
+        return None
+    at = prompt.find(subject)
+    if at < 0:
+        at = prompt.lower().find(subject.lower())
+    if at < 0:
+        c.add(path, f"does not contain the subject {subject!r}: {prompt!r}")
+        return None
+    return prompt[:at] + "{}" + prompt[at + len(subject):], prompt[at:at + len(subject)]
+
+
+def _parse_counterfact_simple(c: _Checker, raw: Mapping[str, Any]) -> CounterFactRecord | None:
+    """The simplified layout of EasyEdit and derived work: one prompt of each kind, the subject written out."""
+    case_id = c.ident(raw, "case_id", "case_id")
+    c.record_id = case_id
+    prompt = c.string(raw, "prompt", "prompt")
+    subject = c.string(raw, "subject", "subject")
+    new = c.string(raw, "target_new", "target_new")
+    true = c.string(raw, "ground_truth", "ground_truth")
+    rephrase = c.string(raw, "rephrase_prompt", "rephrase_prompt", optional=True)
+    locality = c.string(raw, "locality_prompt", "locality_prompt", optional=True)
+    loc_truth = c.string(raw, "locality_ground_truth", "locality_ground_truth", optional=True)
+    if new is not None and true is not None and new.strip() == true.strip():
+        c.add("target_new", f"must differ from ground_truth (both {new.strip()!r})")
+    if locality is not None and loc_truth is not None and true is not None and loc_truth.strip() != true.strip():
+        # CounterFact's neighbourhood prompts share the edited fact's true object; the score relies on it
+        c.add("locality_ground_truth", f"must equal ground_truth ({true.strip()!r}), got {loc_truth.strip()!r}")
+    located = None
+    if prompt is not None and subject is not None:
+        located = _subject_template(c, prompt, subject, "prompt")
+    if c.problems or located is None:
+        return None
+    template, written = located
+    req = c.request({"case_id": "case_id", "prompt": "prompt", "subject": "subject", "target_new": "target_new",
+                     "target_true": "ground_truth"},
+                    case_id=case_id, prompt=template, subject=written, target_new=new, target_true=true)
+    if req is None:
+        return None
+    # [OURS] the layout has no generation prompts: fluency is measured on the edit prompt and its paraphrase
+    return CounterFactRecord.model_construct(
+        case_id=req.case_id, request=req, relation_id=None, paraphrase_prompts=[rephrase] if rephrase else [],
+        neighborhood_prompts=[locality] if locality else [], attribute_prompts=[],
+        generation_prompts=[prompt] + ([rephrase] if rephrase else []))
+
+
 def _parse_counterfact(c: _Checker, raw: Mapping[str, Any], opts: Mapping[str, Any]) -> CounterFactRecord | None:
+    if "requested_rewrite" not in raw and "prompt" in raw and "ground_truth" in raw:
+        return _parse_counterfact_simple(c, raw)
     case_id = c.ident(raw, "case_id", "case_id")
     c.record_id = case_id
     rr = c.obj(raw, "requested_rewrite", "requested_rewrite")

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import gguf
 from .adapters import FAMILIES, ModelAdapter, UnsupportedArchitectureError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -29,6 +30,7 @@ class LoadedModel:
     adapter: ModelAdapter
     name: str
     revision: str | None = None
+    source: dict | None = None  # provenance of a converted source (GGUF: file, sha256, quantisation, …)
     _fingerprint: str | None = field(default=None, repr=False)
 
     @property
@@ -66,10 +68,24 @@ def prepare_tokenizer(tok: object) -> object:
     return tok
 
 
+def _gguf_error(exc: Exception) -> ModelLoadError:
+    return ModelLoadError(str(exc))
+
+
 def model_dims(path_or_name: str, revision: str | None = None) -> tuple[str, int, int | None]:
-    """(model type, layer count, d_ff) from the config alone: validates a model name before any weights load."""
+    """(model type, layer count, d_ff) from the config alone: validates a model name before any weights load.
+    A GGUF source is checked from its header (truncation, architecture) without converting it."""
     from transformers import AutoConfig
 
+    if gguf.is_gguf_source(path_or_name):
+        try:
+            folder, path, _origin = gguf.cached_folder(path_or_name)
+            if folder is None:
+                info = gguf.inspect(path)
+                return info.model_type, info.n_layers, info.d_ff
+        except gguf.GGUFSourceError as exc:
+            raise _gguf_error(exc) from exc
+        path_or_name = str(folder)
     _check_model_type(path_or_name, revision)
     cfg = AutoConfig.from_pretrained(path_or_name, revision=revision)
     n_layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
@@ -125,6 +141,13 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    name, source = path_or_name, None
+    if gguf.is_gguf_source(path_or_name):
+        try:
+            folder, source = gguf.converted(path_or_name, progress=True)
+        except gguf.GGUFSourceError as exc:
+            raise _gguf_error(exc) from exc
+        path_or_name = str(folder)
     _check_model_type(path_or_name, revision)
     _check_safetensors(path_or_name)
     try:
@@ -142,7 +165,8 @@ def load_model(
     if device is not None and device_map is None:
         model.to(device)
     model.eval()
-    return LoadedModel(model, prepare_tokenizer(tok), ModelAdapter(model), name=path_or_name, revision=revision)
+    return LoadedModel(model, prepare_tokenizer(tok), ModelAdapter(model), name=name, revision=revision,
+                       source=source)
 
 
 def wrap_model(model: nn.Module, tokenizer: object, name: str = "in-memory") -> LoadedModel:

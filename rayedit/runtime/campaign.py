@@ -157,11 +157,12 @@ def print_summary(cid: str, rows: list[StreamSummary], planned: dict[str, dict[s
     Console(width=None if sys.stdout.isatty() else 140).print(table)  # logs: do not wrap at 80
 
 
-def build_jobs(spec: CampaignSpec, base_dir: Path | None) -> list[tuple[int, StreamJob, list[dict[str, Any]]]]:
+def build_jobs(spec: CampaignSpec, base_dir: Path | None, known: dict[tuple[int, int], set[str]] | None = None
+               ) -> list[tuple[int, StreamJob, list[dict[str, Any]]]]:
     """(model index, job, record dicts in edit order) for every stream of the spec."""
     out = []
     for s in streams(spec):
-        recs = stream_records(spec, s, base_dir)
+        recs = stream_records(spec, s, base_dir, (known or {}).get((s.model_index, s.dataset_index)))
         hparams = dict(s.hparams)
         for k in ("safety_malicious", "safety_benign"):  # prompt files: relative to the spec, read by replicas
             v = hparams.get(k)
@@ -276,7 +277,17 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
     cid = spec.campaign_id
     if not stats_only:  # statistics may be computed ahead of a campaign whose spec is still changing
         freeze_spec(store, spec)
-    jobs = build_jobs(spec, base_dir)
+    ray_started = False
+
+    def ensure_ray() -> None:
+        nonlocal ray_started
+        ray_started = init_ray(address) or ray_started
+
+    from rayedit.runtime import known as known_stage
+
+    kept = known_stage.run_stage(spec, store, base_dir, ensure_ray,
+                                 note=lambda m: print(m, file=sys.stderr) if progress else log.info("%s", m))
+    jobs = build_jobs(spec, base_dir, kept)
     limit = {job.sid: job.n_steps if max_steps is None else min(job.n_steps, max_steps) for _, job, _ in jobs}
     kinds = {job.sid: spec.datasets[next(s.dataset_index for s in streams(spec) if s.sid == job.sid)].record_kind
              for _, job, _ in jobs}
@@ -339,7 +350,7 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
     next_step: dict[str, int] = {}
     bar: Progress | None = None
     try:
-        started = init_ray(address)
+        started = init_ray(address) or ray_started
     except BaseException as exc:
         state.write(force=True, state="failed", error=f"Ray: {type(exc).__name__}: {exc}")
         raise

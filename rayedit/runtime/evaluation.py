@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rayedit.faults import fault_point
+from rayedit.models.gguf import source_label
 from rayedit.runtime.spec import CampaignSpec
 
 # test-only fault injection: seconds a replica sleeps inside a shard (so a test can kill it mid-shard)
@@ -88,7 +89,8 @@ def run_shard(runner: Any, shard: EvalShard, records: list[dict[str, Any]]) -> i
         if shard.suite == "easyedit":
             options["locality_cache"] = runner.locality_cache(recs[shard.start:shard.stop], weights)
         extra = {"campaign": shard.cid, "stream": shard.sid, **shard.columns, "step": shard.step,
-                 "n_edited": shard.n_edited, "suite": shard.suite, "scope": shard.scope, "shard": shard.shard}
+                 "n_edited": shard.n_edited, "suite": shard.suite, "scope": shard.scope, "shard": shard.shard,
+                 "model_source": source_label(getattr(runner.lm, "source", None))}
         rows = evaluate_records(runner.lm, recs, shard.suite, start=shard.start, stop=shard.stop,
                                 keep_raw=shard.keep_raw, extra_columns=extra)
         fault_point("eval-shard")  # fault matrix (rayedit/faults.py): inside an evaluation shard

@@ -162,6 +162,9 @@ class DatasetSpec(_Strict):
         if isinstance(v, int) and v < 0:
             raise ValueError("toyworld_seed must be >= 0 or 'model'")
         return v
+    known: bool = Field(
+        False, description="keep only facts the unedited model knows (p(true) > p(new) on the edit prompt); "
+                           "computed once per model and cached, the kept count is recorded")
     zsre_target: Literal["answers0", "alt"] | None = Field(
         None, description="ZsRE edit target: answers[0] (default, as the MEMIT/AlphaEdit loaders) or alt; "
                           "toyworld-zsre defaults to alt (its answers[0] is the fact the model already knows)")
@@ -637,9 +640,13 @@ def request_of(record: Any) -> EditRequest:
     return record if isinstance(record, EditRequest) else record.request
 
 
-def stream_records(spec: CampaignSpec, stream: Stream, base_dir: Path | None = None) -> list[Any]:
-    """The stream's ordered records: the dataset (limit), shuffled by the seed, first edits_per_stream."""
+def stream_records(spec: CampaignSpec, stream: Stream, base_dir: Path | None = None,
+                   known: set[str] | None = None) -> list[Any]:
+    """The stream's ordered records: the dataset (limit, then the known filter's kept ids), shuffled by the
+    seed, first edits_per_stream."""
     recs = read_records(spec.datasets[stream.dataset_index], base_dir, stream.model)
+    if known is not None:
+        recs = [r for r in recs if str(request_of(r).case_id) in known]
     order = list(range(len(recs)))
     random.Random(stream.seed).shuffle(order)  # the seed picks the edit order (and so the edit set)
     return [recs[i] for i in order[: spec.edits_per_stream]]
@@ -664,6 +671,13 @@ def _model_layers(name: str) -> tuple[int, int | None] | None:
         tw = ToyWorldConfig()  # the world's config without building it (validation must stay cheap)
         return tw.n_layers, tw.d_ff
     else:
+        from rayedit.models.gguf import is_gguf_source
+
+        if is_gguf_source(name):  # read from the GGUF header; a bad file is a problem, not a skipped check
+            from rayedit.models import model_dims
+
+            _t, n_layers, d_ff = model_dims(name)
+            return n_layers, d_ff
         try:
             from transformers import AutoConfig
 
@@ -712,7 +726,11 @@ def deep_check(spec: CampaignSpec, base_dir: Path | None = None, notes: list[str
         if m.name.startswith(("/", "./", "../", "~")) and not Path(m.name).expanduser().exists():
             problems.append(f"models.{mi}.name: local model folder {_short(m.name)} does not exist")
             continue
-        shape = _model_layers(m.name)
+        try:
+            shape = _model_layers(m.name)
+        except ValueError as exc:  # a GGUF source that is missing, truncated or of another architecture
+            problems.append(f"models.{mi}.name: {exc}")
+            continue
         if shape is None:
             notes.append(f"models: config of {_short(m.name)} cannot be read offline; hyperparameter/layer checks "
                          "skipped")

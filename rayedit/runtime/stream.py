@@ -19,6 +19,7 @@ import torch
 from rayedit.data.requests import EditRequest
 from rayedit.editing import Editor, apply_weights
 from rayedit.faults import fault_point
+from rayedit.models.gguf import source_label
 from rayedit.runtime.checkpoint import KEYS, LAYOUT_META, StateCodec
 from rayedit.store import Store, StoreBlobCache, commit_step, read_committed_step
 from rayedit.store.formats import encode_parquet, encode_tensors
@@ -223,7 +224,8 @@ class StreamRunner:
                              "method_label": job.method_label, "dataset": job.dataset, "seed": job.seed,
                              "step": step, "batch": b, "layers": list(res.layers), **r,
                              "case_id": str(r.get("case_id")), "seconds": res.seconds, **diag,
-                             "peak_memory_mb": peak_memory_mb()})
+                             "peak_memory_mb": peak_memory_mb(),
+                             "model_source": source_label(getattr(self.lm, "source", None))})
         tensors = editor.edited_weights()
         state, meta = editor.state_dict()
         inline, keys, layout = self.codec.encode(step, state, batch_keys)  # big state → blobs, C_p → keys
