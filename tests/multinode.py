@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -26,6 +27,19 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "faults"))
+
+import faultmatrix as fm  # noqa: E402
+import yaml  # noqa: E402
+
+from rayedit import faults  # noqa: E402
+from rayedit.store import committed_steps, eval_parts_done, open_store, read_committed_step  # noqa: E402
+from rayedit.store.layout import EDITS, list_streams  # noqa: E402
+
+JOB_TIMEOUT_S = 300.0
+REPLICA = {"replica": 1}  # what a replica needs; only worker nodes advertise it (the head has none)
 
 # A node lost is noticed by the GCS after health_check_period × failure_threshold (default 3 s × 5 + the
 # timeouts); shorter here so a test does not wait half a minute for each loss.
@@ -196,6 +210,19 @@ class LoopbackCluster:
             node.proc.wait(timeout=5)
         return sorted(set(killed))
 
+    def stop_node(self, name: str) -> None:
+        """Scale a node down (SIGTERM to its session, then SIGKILL whatever is left) and forget it."""
+        node = self.nodes.pop(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while node.pids() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self.nodes[name] = node
+        self.kill_node(name)
+        del self.nodes[name]
+        shutil.rmtree(node.temp, ignore_errors=True)
+
     def log_tail(self, name: str, chars: int = 1500) -> str:
         with contextlib.suppress(OSError):
             return Path(f"{self.nodes[name].temp}.log").read_text(errors="replace")[-chars:]
@@ -214,3 +241,96 @@ class LoopbackCluster:
             shutil.rmtree(node.temp, ignore_errors=True)
             with contextlib.suppress(OSError):
                 os.unlink(f"{node.temp}.log")
+
+
+# --- campaigns on the cluster ---------------------------------------------------------------------------
+def write_campaign(folder: Path, stats_samples: int = 1500) -> Path:
+    """The fault matrix's campaign (2 streams × 3 steps, evaluation after every step) with replicas that need
+    the ``replica`` resource, and a statistics corpus of 1500 documents (two ranges of ≤ 1000)."""
+    spec_path = fm.write_inputs(folder / "inputs")
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["models"][0]["resources"] = dict(REPLICA)
+    spec["stats_samples"] = stats_samples
+    for m in spec["methods"]:
+        m["hparams"].pop("mom2_n_samples", None)
+    project = folder / "project"  # what `rayedit submit` ships: the package and the spec (data: absolute paths)
+    shutil.copytree(ROOT / "rayedit", project / "rayedit", ignore=shutil.ignore_patterns("__pycache__"))
+    (project / "spec.yaml").write_text(yaml.safe_dump(spec))
+    return project / "spec.yaml"
+
+
+def submit(dashboard: str, spec: Path, store: str) -> str:
+    from typer.testing import CliRunner
+
+    from rayedit.cli import app
+
+    res = CliRunner().invoke(app, ["submit", str(spec), "--address", dashboard, "--store", store,
+                                   "--working-dir", str(spec.parent)])
+    assert res.exit_code == 0, res.output
+    found = re.search(r"submitted (\S+) to", res.output)
+    assert found, res.output
+    return found.group(1)
+
+
+def job_status(dashboard: str, job: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    return str(JobSubmissionClient(dashboard).get_job_status(job))
+
+
+def job_logs(dashboard: str, job: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(dashboard).get_job_logs(job)
+
+
+def wait_job(dashboard: str, job: str, timeout: float = JOB_TIMEOUT_S) -> str:
+    deadline = time.monotonic() + timeout
+    while (status := job_status(dashboard, job)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job} still {status} after {timeout:.0f} s:\n{job_logs(dashboard, job)[-3000:]}")
+        time.sleep(1)  # polling a remote job's state
+    return status
+
+
+def wait_fired(folder: Path, point: str, dashboard: str, job: str, timeout: float = JOB_TIMEOUT_S) -> dict:
+    deadline = time.monotonic() + timeout
+    while (rec := faults.fired(folder, point)) is None:
+        status = job_status(dashboard, job)
+        if status in ("SUCCEEDED", "FAILED", "STOPPED") or time.monotonic() > deadline:
+            raise AssertionError(f"fault point {point} never fired (job {status}):\n"
+                                 f"{job_logs(dashboard, job)[-3000:]}")
+        time.sleep(0.2)  # polling for the replica to reach its fault point
+    return rec
+
+
+def placement(store_uri: str, names: dict[str, str]) -> tuple[dict[tuple[str, int], str], dict[tuple, set[str]]]:
+    """(stream, step) → node name that committed it; (stream, step, suite, shard) → node names in its rows."""
+    store = open_store(store_uri, create=False)
+    steps, shards = {}, {}
+    for sid in list_streams(store, fm.CID):
+        for step in committed_steps(store, fm.CID, sid):
+            nodes = set(read_committed_step(store, fm.CID, sid, step).table(EDITS).column("node_id").to_pylist())
+            assert len(nodes) == 1, (sid, step, nodes)
+            steps[(sid, step)] = names.get(nodes.pop(), "?")
+            for sh in eval_parts_done(store, fm.CID, sid, step, fm.SUITE):
+                import pyarrow.parquet as pq
+
+                fs, [path] = store.pyarrow_paths([fm.eval_part_key(fm.CID, sid, step, fm.SUITE, sh)])
+                tbl = pq.read_table(path, filesystem=fs)
+                shards[(sid, step, fm.SUITE, sh)] = {names.get(n, "?") for n in tbl.column("node_id").to_pylist()}
+    return steps, shards
+
+
+def assert_same_statistics(a_uri: str, b_uri: str) -> None:
+    import torch
+
+    from rayedit.editing.covariance import SecondMoment
+
+    a, b = open_store(a_uri, create=False), open_store(b_uri, create=False)
+    keys = sorted(a.list("cache/stats"))
+    assert keys and keys == sorted(b.list("cache/stats"))
+    for key in keys:
+        sa, sb = SecondMoment.from_bytes(a.get_bytes(key), key), SecondMoment.from_bytes(b.get_bytes(key), key)
+        assert sa.provenance["shards"] == 2 and sa.count == sb.count
+        assert torch.equal(sa.sum, sb.sum), (key, float((sa.sum - sb.sum).norm() / sb.sum.norm()))

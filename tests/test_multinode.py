@@ -8,105 +8,30 @@ which node ran each step and shard."""
 from __future__ import annotations
 
 import re
-import shutil
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "faults"))
 
 import faultmatrix as fm  # noqa: E402
-from multinode import LoopbackCluster  # noqa: E402
+from multinode import (  # noqa: E402
+    LoopbackCluster,
+    assert_same_statistics,
+    job_logs,
+    placement,
+    submit,
+    wait_fired,
+    wait_job,
+    write_campaign,
+)
 
 from rayedit import faults  # noqa: E402
-from rayedit.store import committed_steps, eval_parts_done, open_store, read_committed_step  # noqa: E402
-from rayedit.store.layout import EDITS, list_streams  # noqa: E402
+from rayedit.store import open_store  # noqa: E402
 
 pytestmark = pytest.mark.slow
-JOB_TIMEOUT_S = 300.0
-REPLICA = {"replica": 1}  # what a replica needs; only worker nodes advertise it (the head has none)
-
-
-def write_campaign(folder: Path, stats_samples: int = 1500) -> Path:
-    """The fault matrix's campaign (2 streams × 3 steps, evaluation after every step) with replicas that need
-    the ``replica`` resource, and a statistics corpus of 1500 documents (two ranges of ≤ 1000)."""
-    spec_path = fm.write_inputs(folder / "inputs")
-    spec = yaml.safe_load(spec_path.read_text())
-    spec["models"][0]["resources"] = dict(REPLICA)
-    spec["stats_samples"] = stats_samples
-    for m in spec["methods"]:
-        m["hparams"].pop("mom2_n_samples", None)
-    project = folder / "project"  # what `rayedit submit` ships: the package and the spec (data: absolute paths)
-    shutil.copytree(ROOT / "rayedit", project / "rayedit", ignore=shutil.ignore_patterns("__pycache__"))
-    (project / "spec.yaml").write_text(yaml.safe_dump(spec))
-    return project / "spec.yaml"
-
-
-def submit(dashboard: str, spec: Path, store: str) -> str:
-    from typer.testing import CliRunner
-
-    from rayedit.cli import app
-
-    res = CliRunner().invoke(app, ["submit", str(spec), "--address", dashboard, "--store", store,
-                                   "--working-dir", str(spec.parent)])
-    assert res.exit_code == 0, res.output
-    found = re.search(r"submitted (\S+) to", res.output)
-    assert found, res.output
-    return found.group(1)
-
-
-def job_status(dashboard: str, job: str) -> str:
-    from ray.job_submission import JobSubmissionClient
-
-    return str(JobSubmissionClient(dashboard).get_job_status(job))
-
-
-def job_logs(dashboard: str, job: str) -> str:
-    from ray.job_submission import JobSubmissionClient
-
-    return JobSubmissionClient(dashboard).get_job_logs(job)
-
-
-def wait_job(dashboard: str, job: str, timeout: float = JOB_TIMEOUT_S) -> str:
-    deadline = time.monotonic() + timeout
-    while (status := job_status(dashboard, job)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"job {job} still {status} after {timeout:.0f} s:\n{job_logs(dashboard, job)[-3000:]}")
-        time.sleep(1)  # polling a remote job's state
-    return status
-
-
-def wait_fired(folder: Path, point: str, dashboard: str, job: str, timeout: float = JOB_TIMEOUT_S) -> dict:
-    deadline = time.monotonic() + timeout
-    while (rec := faults.fired(folder, point)) is None:
-        status = job_status(dashboard, job)
-        if status in ("SUCCEEDED", "FAILED", "STOPPED") or time.monotonic() > deadline:
-            raise AssertionError(f"fault point {point} never fired (job {status}):\n"
-                                 f"{job_logs(dashboard, job)[-3000:]}")
-        time.sleep(0.2)  # polling for the replica to reach its fault point
-    return rec
-
-
-def placement(store_uri: str, names: dict[str, str]) -> tuple[dict[tuple[str, int], str], dict[tuple, set[str]]]:
-    """(stream, step) → node name that committed it; (stream, step, suite, shard) → node names in its rows."""
-    store = open_store(store_uri, create=False)
-    steps, shards = {}, {}
-    for sid in list_streams(store, fm.CID):
-        for step in committed_steps(store, fm.CID, sid):
-            nodes = set(read_committed_step(store, fm.CID, sid, step).table(EDITS).column("node_id").to_pylist())
-            assert len(nodes) == 1, (sid, step, nodes)
-            steps[(sid, step)] = names.get(nodes.pop(), "?")
-            for sh in eval_parts_done(store, fm.CID, sid, step, fm.SUITE):
-                import pyarrow.parquet as pq
-
-                fs, [path] = store.pyarrow_paths([fm.eval_part_key(fm.CID, sid, step, fm.SUITE, sh)])
-                tbl = pq.read_table(path, filesystem=fs)
-                shards[(sid, step, fm.SUITE, sh)] = {names.get(n, "?") for n in tbl.column("node_id").to_pylist()}
-    return steps, shards
 
 
 @pytest.fixture(scope="module")
@@ -186,18 +111,5 @@ def test_campaign_survives_losing_both_workers_and_uses_the_replacement(cluster:
     # single-node (w3-only) result bit for bit (ranges are fixed by the document count, summed in order)
     ran_on = {names.get(n, "?") for n in re.findall(r"statistics: range \d+/2 done on node (\w+)", logs)}
     assert ran_on == {"w1", "w2"}, logs[-3000:]
-    _assert_same_statistics(loss_store, ref_store)
+    assert_same_statistics(loss_store, ref_store)
 
-
-def _assert_same_statistics(a_uri: str, b_uri: str) -> None:
-    import torch
-
-    from rayedit.editing.covariance import SecondMoment
-
-    a, b = open_store(a_uri, create=False), open_store(b_uri, create=False)
-    keys = sorted(a.list("cache/stats"))
-    assert keys and keys == sorted(b.list("cache/stats"))
-    for key in keys:
-        sa, sb = SecondMoment.from_bytes(a.get_bytes(key), key), SecondMoment.from_bytes(b.get_bytes(key), key)
-        assert sa.provenance["shards"] == 2 and sa.count == sb.count
-        assert torch.equal(sa.sum, sb.sum), (key, float((sa.sum - sb.sum).norm() / sb.sum.norm()))

@@ -241,6 +241,7 @@ class StreamRunner:
                                 {"edits": len(rows), "mode": job.mode, "batches": sorted({r["batch"] for r in rows})})
         if not committed:
             log.warning("%s step %d was already committed by another writer; keeping theirs", job.sid, step)
+        fault_point("step-committed")  # fault matrix: committed, the driver not told yet
         self.next_step = step + 1
         nll = [float(r["target_nll"]) for r in rows if r.get("target_nll") is not None]
         return StepReport(job.sid, step, job.n_steps, len(rows), committed, time.perf_counter() - t0,
