@@ -16,6 +16,7 @@ firing as ``<dir>/<point>.fired`` (JSON: point, n, action, pid, detail) for the 
 
 Named points: ``editing`` (inside a step, before its commit), ``delta-upload`` (a step's delta is
 written, its marker not yet), ``marker-write`` (just before a commit marker's conditional put),
+``step-committed`` (a step's marker is written, its report not yet returned to the driver),
 ``eval-shard`` (inside an evaluation shard), ``report`` (while the final report is written),
 ``local-write`` (half-way through writing a local store object).
 
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 FAULT_ENV = "RAYEDIT_FAULT"
 FAULT_DIR_ENV = "RAYEDIT_FAULT_DIR"
 PAUSE_ENV = "RAYEDIT_FAULT_PAUSE_S"
-POINTS = ("editing", "delta-upload", "marker-write", "eval-shard", "report", "local-write")
+POINTS = ("editing", "delta-upload", "marker-write", "step-committed", "eval-shard", "report", "local-write")
 KILL, PAUSE = "KILL", "PAUSE"
 
 

@@ -12,6 +12,7 @@ import yaml
 
 from rayedit.runtime.catalog import SpecMismatch, campaign_summaries, freeze_spec
 from rayedit.runtime.spec import CampaignSpec, SpecError, load_spec, parse_spec, streams, validate_spec_file
+from rayedit.runtime.stream import VOLATILE_COLUMNS
 from rayedit.store import committed_steps, open_store, read_committed_step, sanitize_id
 from rayedit.store.layout import DELTA, EDITS, list_streams
 
@@ -264,7 +265,7 @@ def _assert_same_step(a, b, what: str) -> None:
     for k in ta:
         assert ta[k].dtype == tb[k].dtype and ta[k].shape == tb[k].shape, f"{what} {k}"
         assert ta[k].reshape(-1).view(_int(ta[k])).equal(tb[k].reshape(-1).view(_int(tb[k]))), f"{what} {k}"
-    volatile = ["seconds", "peak_memory_mb"]  # timings and process RSS differ between runs
+    volatile = list(VOLATILE_COLUMNS)  # timings, process RSS and the Ray node differ between runs
     assert a.table(EDITS).drop_columns(volatile).equals(b.table(EDITS).drop_columns(volatile)), what
 
 

@@ -169,6 +169,7 @@ def run_audit_shard(runner: Any, shard: AuditShard, records: list[dict[str, Any]
         runner.checkout(current)
     for r in rows:
         r.update(extra)
+        r.update(getattr(runner, "where", {}))  # which node ran the shard (node_id, node_ip)
     commit_eval_part(store, shard.cid, shard.sid, shard.step, shard.suite, shard.shard, pa.Table.from_pylist(rows),
                      {"rows": len(rows), "start": shard.start, "stop": shard.stop})
     return len(rows)

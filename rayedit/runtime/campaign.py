@@ -66,15 +66,32 @@ class ModelReplica:
 
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         self.runner = StreamRunner(load_lm(model, dtype), reopen_store(store_args))
+        self.runner.where = node_placement()
+
+    def node(self) -> dict[str, str]:
+        return dict(self.runner.where)
 
     def open(self, job: StreamJob) -> int:
         return self.runner.open(job)
 
-    def step(self, job: StreamJob) -> StepReport:
-        # After an actor restart the runner is empty: re-open (= resume from the store) and go on.
+    def step(self, job: StreamJob, step: int | None = None) -> StepReport:
+        """Run step ``step`` of ``job`` (default: the runner's next one) and report it.
+
+        Idempotent, because Ray retries the call on a restarted actor (its process or node died): the new
+        actor's runner is empty, so it re-opens the stream (= resumes from the store); if ``step`` was
+        committed before the old actor died, its report is read back instead of running anything twice."""
         fresh = self.runner.job is None or self.runner.job.sid != job.sid
-        if fresh and self.runner.open(job) >= job.n_steps:
+        if fresh:
+            self.runner.open(job)
+        if step is None:
+            step = self.runner.next_step
+        if step >= job.n_steps:
             return StepReport(job.sid, job.n_steps - 1, job.n_steps, 0, False, 0.0, None)
+        if step < self.runner.next_step:
+            return self.runner.committed_report(step)
+        if step > self.runner.next_step:
+            raise RuntimeError(f"{job.sid}: step {step} asked for, but the next uncommitted step is "
+                               f"{self.runner.next_step}")
         return self.runner.step()
 
     def evaluate(self, shard: EvalShard | AuditShard, records: list[dict[str, Any]]) -> int:
@@ -86,19 +103,42 @@ class ModelReplica:
     def stats_plan(self, mi: int, method: str, hparams: dict[str, Any], corpus: str):
         return stats_stage.plan_on_replica(self.runner, mi, method, hparams, corpus)
 
-    def stats_shard(self, group, shard: int, start: int, stop: int) -> bool:
-        return stats_stage.shard_on_replica(self.runner, group, shard, start, stop)
+    def stats_shard(self, group, shard: int, start: int, stop: int) -> tuple[bool, str]:
+        """(computed now, node id): the driver logs where each document range ran."""
+        return stats_stage.shard_on_replica(self.runner, group, shard, start, stop), self.runner.where["node_id"]
 
     def stats_reduce(self, group) -> None:
         stats_stage.reduce_on_replica(self.runner, group)
 
 
+def node_placement() -> dict[str, str]:
+    """The Ray node this process runs on (recorded with every step and shard it commits)."""
+    import ray
+
+    return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+
+
 def _replica_class():
     import ray
 
-    # Restart after a crash (node lost, OOM kill); the in-flight step is retried on the new actor,
-    # which resumes the stream from its last committed step. Application errors are not retried.
-    return ray.remote(max_restarts=1, max_task_retries=1)(ModelReplica)
+    return ray.remote(ModelReplica)
+
+
+def replica_options(m: Any, actor_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Ray options of one replica of model spec ``m``.
+
+    Restart after a crash (node lost, spot pre-emption, OOM kill) up to ``max_restarts`` times; the call in
+    flight is retried on the new actor, which resumes its stream from the last committed step (application
+    errors are not retried). SPREAD puts the replicas on as many nodes as have room, so losing one node
+    takes as few replicas as possible with it; ``resources`` keeps them to nodes that advertise those."""
+    opts: dict[str, Any] = {"num_cpus": m.cpus_per_replica, "num_gpus": m.gpus_per_replica,
+                            "max_restarts": m.max_restarts, "max_task_retries": m.max_restarts,
+                            "scheduling_strategy": "SPREAD"}
+    if m.resources:
+        opts["resources"] = dict(m.resources)
+    if actor_env:
+        opts["runtime_env"] = {"env_vars": dict(actor_env)}
+    return opts
 
 
 class Progress:
@@ -364,10 +404,7 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
             # with an evaluation schedule every replica is useful (spares evaluate); else one per stream
             n = m.replicas if spec.evaluation is not None or stats_only else min(m.replicas, len(sched.streams[mi]))
             for _ in range(max(1, n)):
-                opts: dict[str, Any] = {"num_cpus": m.cpus_per_replica, "num_gpus": m.gpus_per_replica}
-                if actor_env:
-                    opts["runtime_env"] = {"env_vars": dict(actor_env)}
-                a = Replica.options(**opts).remote(m.name, m.dtype, store_args)
+                a = Replica.options(**replica_options(m, actor_env)).remote(m.name, m.dtype, store_args)
                 actors.append((mi, a))
                 sched.owner[a] = None
         # statistics first: computed once per (model, layer, corpus), sharded over the model's replicas
@@ -407,7 +444,8 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
                 return
             if job is not None:
                 sched.took_eval[actor] = False
-                pending[actor.step.remote(job)] = (actor, mi, job, "step")
+                # the step number makes a retried call (actor restarted) report, not redo, a committed step
+                pending[actor.step.remote(job, next_step[job.sid])] = (actor, mi, job, "step")
                 return
             idle.add(actor)
 

@@ -101,6 +101,7 @@ def run_shard(runner: Any, shard: EvalShard, records: list[dict[str, Any]]) -> i
         runner.checkout(current)
     for r in rows:  # the identity columns win over same-named metric columns (there are none today)
         r.update(extra)
+        r.update(getattr(runner, "where", {}))  # which node ran the shard (node_id, node_ip)
     commit_eval_part(store, shard.cid, shard.sid, shard.step, shard.suite, shard.shard, pa.Table.from_pylist(rows),
                      {"rows": len(rows), "start": shard.start, "stop": shard.stop})
     return len(rows)

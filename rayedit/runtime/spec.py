@@ -87,6 +87,22 @@ class ModelSpec(_Strict):
     replicas: int = Field(1, ge=1)
     gpus_per_replica: float = Field(0.0, ge=0)
     cpus_per_replica: float = Field(0.5, gt=0)  # small by default: tests and laptops have 2 CPUs
+    # custom Ray resources each replica needs (e.g. {"accelerator_type:A100": 0.01}, or a resource only some
+    # nodes advertise): Ray places replicas only on nodes that have them
+    resources: dict[str, float] = Field(default_factory=dict)
+    # how often Ray recreates a replica whose process or node died (spot pre-emption); the call in flight
+    # is retried on the new one, which resumes its stream from the last committed step. -1: no limit
+    max_restarts: int = Field(8, ge=-1)
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        for k, amount in v.items():
+            if k in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"{_short(k)} is set with cpus_per_replica/gpus_per_replica, not resources")
+            if not k or amount <= 0:
+                raise ValueError(f"resource {_short(k)} needs a name and an amount > 0")
+        return v
 
     @field_validator("name")
     @classmethod

@@ -89,6 +89,8 @@ def reduce_on_replica(runner: Any, group: StatsGroup) -> None:
     from rayedit.store.formats import decode_tensors
 
     _editor, stats = _covariance_stats(runner, group.method, group.hparams, group.stats_corpus)
+    if not stats.missing_layers(list(group.layers)):  # a retried call (the replica died after reducing)
+        return
     shards = []
     for shard, _a, _b in group.ranges():
         key = _partial_key(group, shard)
@@ -139,10 +141,10 @@ def run_stage(spec: Any, store: Store, actors: list[tuple[int, Any]], note: Any 
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         mi, actor = pending.pop(ready[0])
-        ray.get(ready[0])
+        _computed, node = ray.get(ready[0])
         done += 1
         if note:
-            note(f"statistics: range {done}/{total} done")
+            note(f"statistics: range {done}/{total} done on node {node}")
         feed(mi, actor)
     ray.get([by_model[g.model_index][0].stats_reduce.remote(g) for g in groups.values()])
     return sum(len(g.layers) for g in groups.values())

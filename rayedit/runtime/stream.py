@@ -28,6 +28,10 @@ from rayedit.store.layout import DELTA, EDITS, last_committed_step
 log = logging.getLogger(__name__)
 
 STATE_PREFIX = "state."
+# Where a step or shard ran (set by the replica actor from Ray's runtime context; empty off Ray). They
+# differ between two runs of the same campaign, like the timings, so result comparisons drop them.
+PLACEMENT_COLUMNS = ("node_id", "node_ip")
+VOLATILE_COLUMNS = ("seconds", "peak_memory_mb", *PLACEMENT_COLUMNS)
 
 
 def placement() -> dict[str, Any]:
@@ -108,6 +112,7 @@ class StreamRunner:
         self._weights_cache: tuple[tuple[str, str, int], dict[str, torch.Tensor]] | None = None
         self._loc_cache: Any = None
         self._base_fro: dict[int, float] = {}
+        self.where: dict[str, str] = dict.fromkeys(PLACEMENT_COLUMNS, "")  # the Ray node this replica runs on
 
     # -- evaluation support: swap a committed step's tensors in and out ---------------------------------
     def step_weights(self, cid: str, sid: str, step: int) -> dict[str, torch.Tensor]:
@@ -224,7 +229,7 @@ class StreamRunner:
                              "method_label": job.method_label, "dataset": job.dataset, "seed": job.seed,
                              "step": step, "batch": b, "layers": list(res.layers), **r,
                              "case_id": str(r.get("case_id")), "seconds": res.seconds, **diag,
-                             "peak_memory_mb": peak_memory_mb(),
+                             "peak_memory_mb": peak_memory_mb(), **self.where,
                              "model_source": source_label(getattr(self.lm, "source", None))})
         tensors = editor.edited_weights()
         state, meta = editor.state_dict()
@@ -238,10 +243,22 @@ class StreamRunner:
                                 {"edits": len(rows), "mode": job.mode, "batches": sorted({r["batch"] for r in rows})})
         if not committed:
             log.warning("%s step %d was already committed by another writer; keeping theirs", job.sid, step)
+        fault_point("step-committed")  # fault matrix: committed, the driver not told yet
         self.next_step = step + 1
         nll = [float(r["target_nll"]) for r in rows if r.get("target_nll") is not None]
         return StepReport(job.sid, step, job.n_steps, len(rows), committed, time.perf_counter() - t0,
                           sum(nll) / len(nll) if nll else None,
+                          _max_of(rows, "weight_growth_by_layer"), _max_of(rows, "weight_cond_by_layer"))
+
+    def committed_report(self, step: int) -> StepReport:
+        """The report of a step that is already committed (the actor died after its commit and Ray retried
+        the call): read back from its ``edits.parquet``, so the driver still plans its evaluation and
+        health checks, and the step is never run twice."""
+        job = self.job
+        assert job is not None, "open() a stream first"
+        rows = read_committed_step(self.store, job.cid, job.sid, step, [EDITS]).table(EDITS).to_pylist()
+        nll = [float(r["target_nll"]) for r in rows if r.get("target_nll") is not None]
+        return StepReport(job.sid, step, job.n_steps, len(rows), False, 0.0, sum(nll) / len(nll) if nll else None,
                           _max_of(rows, "weight_growth_by_layer"), _max_of(rows, "weight_cond_by_layer"))
 
     def _weight_growth(self, layers: list[int], fro: list[float | None] | None) -> list[float | None] | None:

@@ -50,7 +50,7 @@ SUITE = "counterfact"
 RUN_TIMEOUT_S = 420.0
 FACTS = [("Paris", "France", "Italy"), ("Rome", "Italy", "Spain"), ("Tokyo", "Japan", "China"),
          ("Berlin", "Germany", "Poland"), ("Madrid", "Spain", "France"), ("Oslo", "Norway", "Sweden")]
-VOLATILE = ["seconds", "peak_memory_mb"]  # wall-clock columns differ between any two runs
+VOLATILE = ["seconds", "peak_memory_mb", "node_id", "node_ip"]  # timings and the Ray node differ between runs
 
 
 # --- inputs -------------------------------------------------------------------------------------------
@@ -307,6 +307,8 @@ def _tables(store):
             keys += [eval_part_key(CID, sid, step, SUITE, sh) for sh in eval_parts_done(store, CID, sid, step, SUITE)]
     fs, paths = store.pyarrow_paths(keys)
     evals = ds.dataset(paths, filesystem=fs, format="parquet", partitioning=None).to_table() if paths else None
+    if evals is not None:
+        evals = evals.drop_columns([v for v in VOLATILE if v in evals.column_names])
     return (pa.concat_tables(edits, promote_options="default") if edits else None), evals, tensors
 
 
