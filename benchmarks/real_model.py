@@ -1,0 +1,147 @@
+"""Every method on a real pre-trained LM (SmolLM2-135M-Instruct), after sequential edits of known facts.
+
+Runs ``jobs/smollm2-counterfact.yaml`` (or a trimmed copy: ``--edits``, ``--methods``, ``--no-audit``) as a real
+campaign on local Ray, then prints one row per method at its last evaluated edit count, beside the unedited
+model: CounterFact efficacy / paraphrase / neighbourhood success and magnitude, fluency (``--fluency``: the
+generation suite), max over edited layers of ‖W_t‖_F/‖W_0‖_F and κ₂(W_t), and from the audit Δ_U and the refusal
+rate (headline tables of each audit suite). Measured on this machine: ~20 s of editing per fact on one core.
+
+    .venv/bin/python benchmarks/real_model.py [--edits 200] [--batch 10] [--methods memit,alphaedit,...]
+        [--store runs/bench-real] [--no-audit] [--fluency]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import subprocess
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = REPO / "jobs" / "smollm2-counterfact.yaml"
+
+
+def build_spec(args: argparse.Namespace) -> dict:
+    spec = yaml.safe_load(JOB.read_text())
+    spec["name"] = args.name
+    spec["edits_per_stream"] = args.edits
+    spec["batch_size"] = args.batch
+    spec["datasets"][0]["path"] = str((JOB.parent / spec["datasets"][0]["path"]).resolve())
+    for m in spec["methods"]:
+        if "safety_malicious" in m.get("hparams", {}):
+            m["hparams"]["safety_malicious"] = str(JOB.parent / m["hparams"]["safety_malicious"])
+    wanted = args.methods.split(",")
+    spec["methods"] = [m for m in spec["methods"] if m["name"] in wanted
+                       or (m["name"] == "memit" and "memit+nullspace" in wanted)]
+    for m in spec["methods"]:
+        if m["name"] == "memit":
+            pairs = (("none", "memit"), ("nullspace", "memit+nullspace"))
+            m["grid"] = {"project": [p for p, w in pairs if w in wanted]}
+    at = sorted({c for c in (args.edits // 4, args.edits // 2, args.edits) if c and c % args.batch == 0})
+    spec["evaluation"]["at"] = at
+    if args.fluency:
+        spec["evaluation"]["suites"] = ["counterfact", "generation"]
+    if args.no_audit:
+        spec.pop("audit", None)
+    else:
+        spec["audit"]["at"] = [args.edits]
+        for s in spec["audit"]["suites"]:
+            if s.get("source"):
+                s["source"] = str(JOB.parent / s["source"])
+    spec["stats_corpus"] = args.stats_corpus
+    spec["stats_samples"] = args.stats_samples
+    return spec
+
+
+def edit_diagnostics(edits: pd.DataFrame) -> pd.DataFrame:
+    """Per stream, the last batch's max over edited layers of weight growth and κ₂."""
+    last = edits.sort_values(["stream", "batch"]).groupby("stream").tail(1)
+
+    def col_max(col: str) -> pd.Series:
+        if col not in last:
+            return pd.Series(float("nan"), index=last.index)
+        return last[col].map(lambda v: max((x for x in v if x is not None), default=float("nan"))
+                             if v is not None else float("nan"))
+
+    return pd.DataFrame({"method": last["method_label"].to_numpy(), "W_growth": col_max("weight_growth_by_layer")
+                         .to_numpy(), "kappa2": col_max("weight_cond_by_layer").to_numpy()})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--edits", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=10)
+    ap.add_argument("--methods", default="memit,memit+nullspace,alphaedit,mose,mose_oft,same,ft")
+    ap.add_argument("--store", default=str(REPO / "runs" / "bench-real"))
+    ap.add_argument("--name", default="bench-real")
+    ap.add_argument("--stats-corpus", default="builtin:general")
+    ap.add_argument("--stats-samples", type=int, default=100_000)
+    ap.add_argument("--no-audit", action="store_true")
+    ap.add_argument("--fluency", action="store_true")
+    args = ap.parse_args()
+
+    from rayedit.data.loaders import load_counterfact
+    from rayedit.evaluate import evaluate_records
+    from rayedit.models import load_model
+    from rayedit.report.audit import audit_tables, headline_table, load_audit
+    from rayedit.report.load import load_campaign
+    from rayedit.runtime.campaign import run_campaign
+    from rayedit.store import open_store
+
+    spec = build_spec(args)
+    spec_path = Path(args.store) / f"{args.name}.yaml"
+    spec_path.parent.mkdir(parents=True, exist_ok=True)
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    t0 = time.perf_counter()
+    run_campaign(spec_path, args.store, progress=True, summary=False)
+    wall = time.perf_counter() - t0
+    store = open_store(args.store)
+    camp = load_campaign(store, args.name)
+
+    ev = camp.evals
+    cf = ev[ev["suite"] == "counterfact"]
+    last = cf[cf["n_edited"] == cf.groupby("stream")["n_edited"].transform("max")]
+    metrics = ["efficacy_success", "paraphrase_success", "neighborhood_success", "efficacy_diff",
+               "paraphrase_diff", "neighborhood_diff"]
+    table = last.groupby("method_label")[metrics].mean()
+    table["n_edited"] = last.groupby("method_label")["n_edited"].max()
+    gen = ev[ev["suite"] == "generation"]
+    if not gen.empty and "fluency" in gen:
+        glast = gen[gen["n_edited"] == gen.groupby("stream")["n_edited"].transform("max")]
+        table["fluency"] = glast.groupby("method_label")["fluency"].mean()
+    diag = edit_diagnostics(camp.edits).set_index("method")
+    table = table.join(diag)
+
+    # the unedited model on the same facts (every stream edits the same known facts in the same order)
+    ids = set(camp.edits["case_id"].astype(str))
+    recs = [r for r in load_counterfact(spec["datasets"][0]["path"]) if r.case_id in ids]
+    base = pd.DataFrame(evaluate_records(load_model("smollm2-135m"), recs, "counterfact"))[metrics].mean()
+    table.loc["unedited", metrics] = base.to_numpy()
+    table.loc["unedited", ["W_growth", "kappa2"]] = [1.0, float("nan")]
+
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    print(f"\nSmolLM2-135M-Instruct (smollm2-135m), {args.edits} sequential edits of known CounterFact facts in "
+          f"batches of {args.batch}; stats {args.stats_corpus} ({args.stats_samples} docs); "
+          f"{dt.date.today()} commit {commit}; campaign wall time {wall / 60:.1f} min")
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
+        print(table)
+        if not args.no_audit:
+            audit = load_audit(store, args.name)
+            for suite, t in audit_tables(audit).items():
+                print(f"\naudit: {suite}")
+                print(headline_table(suite, t))
+
+
+if __name__ == "__main__":
+    main()
