@@ -13,7 +13,7 @@ export RAYEDIT_MODEL_CACHE="${RAYEDIT_MODEL_CACHE:-$PWD/.rayedit/model-cache}"
 # Two workers (pytest-xdist), a test file per worker at a time (module fixtures such as a Ray cluster or an
 # edited toy model are built once): most tests wait on Ray, subprocesses or one torch thread, so the two
 # cores were half idle with one worker.
-.venv/bin/python -m pytest -q -p no:cacheprovider -n "${RAYEDIT_TEST_WORKERS:-2}" --dist loadfile "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider -n "${RAYEDIT_TEST_WORKERS:-2}" --dist loadfile --durations=25 "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "pytest collected no tests: failing" >&2

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
+LOCAL_START_ATTEMPTS = 3
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     """ray.init unless already initialised; returns True if this call started it (and should stop it)."""
     import ray
@@ -53,8 +56,20 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
     if address:
         ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=num_cpus, **kwargs)
+        return True
+    # Ray waits a fixed 30 s for a new raylet to register with its GCS; on a box whose cores are busy
+    # (two loaded cores, other Ray clusters starting) that wait can run out although nothing is wrong.
+    # Starting a local node again is cheap and harmless, so try a few times before giving up.
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        try:
+            ray.init(num_cpus=num_cpus, **kwargs)
+            return True
+        except Exception as e:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(e) or attempt == LOCAL_START_ATTEMPTS:
+                raise
+            log.warning("local Ray node did not register in time (attempt %d of %d); starting it again",
+                        attempt, LOCAL_START_ATTEMPTS)
+            ray.shutdown()
     return True
 
 
