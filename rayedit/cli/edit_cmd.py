@@ -66,7 +66,8 @@ def edit_command(
     target_new: str = typer.Option(..., "--target-new"),
     target_true: str | None = typer.Option(None, "--target-true"),
     stats_corpus: str | None = typer.Option(None, "--stats-corpus",
-                                            help="builtin:general | file (.txt/.jsonl/.parquet) | hf:NAME[:CFG][@REV]"),
+                                            help="builtin:general | enwiki-sample | file (.txt/.jsonl/.parquet)"
+                                                 " | hf:NAME[:CFG][@REV]"),
     hparams_file: Path | None = typer.Option(None, "--hparams", help="YAML file of hyperparameter overrides"),
     set_: list[str] = typer.Option([], "--set", help="override one hyperparameter: KEY=VALUE (JSON value)"),
     layers: str | None = typer.Option(None, "--layers", help="comma-separated layer indices"),
@@ -119,7 +120,7 @@ def edit_command(
     except ValueError as exc:
         fail(str(exc))
     local_corpus = (stats_corpus and not stats_corpus.startswith(("hf:", "builtin:", "toyworld:"))
-                    and stats_corpus not in ("auto", "wikitext"))
+                    and stats_corpus not in ("auto", "wikitext", "enwiki-sample"))
     if local_corpus and not Path(stats_corpus).is_file():
         fail(f"stats corpus file not found: {stats_corpus}")
 
