@@ -7,7 +7,7 @@ generation suite), max over edited layers of ‖W_t‖_F/‖W_0‖_F and κ₂(W
 rate (headline tables of each audit suite). Measured on this machine: ~20 s of editing per fact on one core.
 
     .venv/bin/python benchmarks/real_model.py [--edits 200] [--batch 10] [--methods memit,alphaedit,...]
-        [--store runs/bench-real] [--no-audit] [--fluency]
+        [--store runs/bench-real] [--no-audit] [--fluency] [--stats-corpus enwiki-sample] [--stats-tokens N]
 """
 
 from __future__ import annotations
@@ -60,6 +60,10 @@ def build_spec(args: argparse.Namespace) -> dict:
                 s["source"] = str(JOB.parent / s["source"])
     spec["stats_corpus"] = args.stats_corpus
     spec["stats_samples"] = args.stats_samples
+    if args.stats_tokens:  # a token budget for the second moments (every method that uses statistics)
+        for m in spec["methods"]:
+            if m["name"] != "mose_oft":
+                m.setdefault("hparams", {})["mom2_max_tokens"] = args.stats_tokens
     return spec
 
 
@@ -84,8 +88,9 @@ def main() -> None:
     ap.add_argument("--methods", default="memit,memit+nullspace,alphaedit,mose,mose_oft,same,ft")
     ap.add_argument("--store", default=str(REPO / "runs" / "bench-real"))
     ap.add_argument("--name", default="bench-real")
-    ap.add_argument("--stats-corpus", default="builtin:general")
+    ap.add_argument("--stats-corpus", default="enwiki-sample")
     ap.add_argument("--stats-samples", type=int, default=100_000)
+    ap.add_argument("--stats-tokens", type=int, default=None, help="token budget of the statistics (default: all)")
     ap.add_argument("--no-audit", action="store_true")
     ap.add_argument("--fluency", action="store_true")
     args = ap.parse_args()
@@ -132,7 +137,8 @@ def main() -> None:
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     print(f"\nSmolLM2-135M-Instruct (smollm2-135m), {args.edits} sequential edits of known CounterFact facts in "
-          f"batches of {args.batch}; stats {args.stats_corpus} ({args.stats_samples} docs); "
+          f"batches of {args.batch}; stats {args.stats_corpus} ({args.stats_samples} docs, "
+          f"{args.stats_tokens or 'all'} tokens); "
           f"{dt.date.today()} commit {commit}; campaign wall time {wall / 60:.1f} min")
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
         print(table)
