@@ -283,7 +283,7 @@ class _NoState:
         pass
 
 
-class _Scheduler:
+class Scheduler:
     """Per model: a queue of streams and a queue of evaluation shards, served by that model's replicas.
 
     A replica keeps the stream it was given until the stream ends. Evaluation shards go to replicas
@@ -310,6 +310,28 @@ class _Scheduler:
     def spare(self, mi: int, actors: list[tuple[int, Any]]) -> bool:
         """Does model ``mi`` have a replica without a stream (which then serves the evaluations)?"""
         return any(m == mi and self.owner.get(a) is None for m, a in actors)
+
+    def take_eval(self, actor: Any, mi: int) -> EvalShard:
+        self.took_eval[actor] = True
+        return self.evals[mi].popleft()
+
+    def decide(self, actor: Any, mi: int, actors: list[tuple[int, Any]], limit: dict[str, int],
+               nxt: int | None = None) -> tuple[str, Any]:
+        """The next piece of work of a free replica of model ``mi``: ("open", stream) | ("eval", shard) |
+        ("step", stream) | ("idle", None). ``nxt`` is the next step of the stream the replica just advanced.
+        Pure bookkeeping (no Ray), so benchmarks/schedule.py replays exactly these decisions."""
+        job = self.owner[actor]
+        if job is not None and nxt is not None and nxt >= limit[job.sid]:
+            self.owner[actor] = job = None
+        if job is None and self.streams[mi]:
+            job = self.owner[actor] = self.streams[mi].popleft()
+            return "open", job
+        if self.evals[mi] and (job is None or (not self.took_eval.get(actor) and not self.spare(mi, actors))):
+            return "eval", self.take_eval(actor, mi)
+        if job is not None:
+            self.took_eval[actor] = False
+            return "step", job
+        return "idle", None
 
 
 def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, address: str | None = None,
@@ -353,7 +375,7 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
         from rayedit.runtime.evaluation import decode_records
 
         decoded = {sid: decode_records(kinds[sid], recs) for sid, recs in records.items()}
-    sched = _Scheduler()
+    sched = Scheduler()
     # evaluation shards still to run per (stream, step): when one reaches 0 the step's health is checked
     eval_left: dict[tuple[str, int], int] = defaultdict(int)
     for mi, job, _ in jobs:
@@ -434,35 +456,26 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
         pending: dict[Any, tuple[Any, int, Any, str]] = {}  # ref → (actor, model, job | shard, kind)
         idle: set[Any] = set()
 
-        def eval_on(actor: Any, mi: int) -> None:
-            sh = sched.evals[mi].popleft()
+        def eval_on(actor: Any, mi: int, sh: EvalShard) -> None:
             rid = getattr(sh, "records_sid", sh.sid)  # the unedited pseudo-stream reads a real stream's records
             if rid not in rec_refs:
                 rec_refs[rid] = ray.put(records[rid])
             pending[actor.evaluate.remote(sh, rec_refs[rid])] = (actor, mi, sh, "eval")
-            sched.took_eval[actor] = True
             if on_eval_dispatch:
                 on_eval_dispatch(actor, sh)
 
         def dispatch(actor: Any, mi: int, nxt: int | None = None) -> None:
             """Give a free replica its next piece of work (or mark it idle)."""
-            job = sched.owner[actor]
-            if job is not None and nxt is not None and nxt >= limit[job.sid]:
-                sched.owner[actor] = job = None
-            if job is None and sched.streams[mi]:
-                job = sched.owner[actor] = sched.streams[mi].popleft()
-                pending[actor.open.remote(job)] = (actor, mi, job, "open")
-                return
-            if sched.evals[mi] and (job is None or (not sched.took_eval.get(actor)
-                                                    and not sched.spare(mi, actors))):
-                eval_on(actor, mi)
-                return
-            if job is not None:
-                sched.took_eval[actor] = False
+            kind, item = sched.decide(actor, mi, actors, limit, nxt)
+            if kind == "open":
+                pending[actor.open.remote(item)] = (actor, mi, item, "open")
+            elif kind == "eval":
+                eval_on(actor, mi, item)
+            elif kind == "step":
                 # the step number makes a retried call (actor restarted) report, not redo, a committed step
-                pending[actor.step.remote(job, next_step[job.sid])] = (actor, mi, job, "step")
-                return
-            idle.add(actor)
+                pending[actor.step.remote(item, next_step[item.sid])] = (actor, mi, item, "step")
+            else:
+                idle.add(actor)
 
         for mi, actor in actors:
             dispatch(actor, mi)
@@ -509,7 +522,7 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
                 for m2, a2 in actors:  # wake idle replicas of this model for the new shards
                     if new and m2 == mi and a2 in idle and sched.evals[mi]:
                         idle.discard(a2)
-                        eval_on(a2, mi)
+                        eval_on(a2, mi, sched.take_eval(a2, mi))
             next_step[job.sid] = nxt
             dispatch(actor, mi, nxt)
     except KeyboardInterrupt:
