@@ -68,11 +68,16 @@ def edit_command(
     stats_corpus: str | None = typer.Option(None, "--stats-corpus",
                                             help="builtin:general | enwiki-sample | file (.txt/.jsonl/.parquet)"
                                                  " | hf:NAME[:CFG][@REV]"),
-    hparams_file: Path | None = typer.Option(None, "--hparams", help="YAML file of hyperparameter overrides"),
+    hparams_file: Path | None = typer.Option(None, "--hparams", help="YAML/JSON file of hyperparameters (ours, or "
+                                                                     "an official ROME/MEMIT/AlphaEdit/EasyEdit file)"),
+    compat: str | None = typer.Option(None, "--compat", help="reference: every [REF] behaviour of the official "
+                                                             "code (ROME's key, float32 solves, SVD projection, ...)"),
     set_: list[str] = typer.Option([], "--set", help="override one hyperparameter: KEY=VALUE (JSON value)"),
     layers: str | None = typer.Option(None, "--layers", help="comma-separated layer indices"),
     dtype: str = typer.Option("float32", "--dtype"),
     device: str | None = typer.Option(None, "--device"),
+    attn_implementation: str | None = typer.Option(None, "--attn-implementation",
+                                                   help="eager | sdpa | flash_attention_2 (transformers)"),
     save: Path | None = typer.Option(None, "--save", help="write the edited model (safetensors) here"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
@@ -110,7 +115,8 @@ def edit_command(
             f"{'.'.join(str(x) for x in e['loc']) or 'request'}: {e['msg']}" for e in exc.errors()))
     if subject not in req.text:
         fail(f"subject {subject!r} does not occur in the prompt")
-    overrides: dict[str, Any] = preset_obj.overrides() if preset_obj else {}  # flags below win over the preset
+    # the preset is a lower layer: the flags below are the user's values and win over it
+    overrides: dict[str, Any] = {"preset_values": preset_obj.overrides()} if preset_obj else {}
     try:
         if hparams_file is not None:
             overrides.update(load_overrides(hparams_file))
@@ -119,6 +125,8 @@ def edit_command(
             overrides["layers"] = [int(x) for x in layers.split(",") if x.strip()]
     except ValueError as exc:
         fail(str(exc))
+    if compat is not None:
+        overrides["compat"] = compat
     local_corpus = (stats_corpus and not stats_corpus.startswith(("hf:", "builtin:", "toyworld:"))
                     and stats_corpus not in ("auto", "wikitext", "enwiki-sample"))
     if local_corpus and not Path(stats_corpus).is_file():
@@ -127,9 +135,11 @@ def edit_command(
     import torch
 
     from rayedit.editing import Editor, resolve_hparams
+    from rayedit.editing.hparams import describe_sources
     from rayedit.models import ModelLoadError, UnsupportedArchitectureError, load_model, model_dims
 
     tiny = model.startswith("tiny:")
+    model_type: str | None = None
     if tiny or model.startswith("toyworld:"):
         from rayedit.runtime.spec import model_id, model_path
 
@@ -146,8 +156,8 @@ def edit_command(
 
             n_layers, d_ff = model_shape(model)
         else:
-            _type, n_layers, d_ff = model_dims(load_path)
-        hp = resolve_hparams(method, hp_name, n_layers, overrides, d_ff=d_ff)
+            model_type, n_layers, d_ff = model_dims(load_path)
+        hp = resolve_hparams(method, hp_name, n_layers, overrides, d_ff=d_ff, model_type=model_type)
     except (ModelLoadError, UnsupportedArchitectureError, OSError, ValueError) as exc:
         fail(str(exc))
     torch.manual_seed(0)
@@ -157,7 +167,7 @@ def edit_command(
 
             lm = build_tiny_model(model.split(":", 1)[1])
         else:
-            lm = load_model(load_path, dtype=dtype, device=device)
+            lm = load_model(load_path, dtype=dtype, device=device, attn_implementation=attn_implementation)
     except (ModelLoadError, UnsupportedArchitectureError, OSError) as exc:
         fail(str(exc))
     editor = Editor(lm, method, hp, stats_corpus=stats_corpus, progress=sys.stderr.isatty())
@@ -179,6 +189,7 @@ def edit_command(
         lm.tokenizer.save_pretrained(save)
     out = {"method": method, "model": model, "layers": res.layers, "before": before, "after": after,
            "seconds": round(seconds, 3), "hparams_provenance": editor.hp.provenance,
+           "value_sources": editor.hp.value_sources, "compat": editor.hp.compat,
            "update_norms": {str(r["layer"]): r["update_norm"] for r in res.layer_rows if "layer" in r}}
     if preset_obj is not None:
         out["preset"] = {"file": str(preset), "campaign": preset_obj.provenance.campaign,
@@ -186,7 +197,7 @@ def edit_command(
     if as_json:
         typer.echo(json.dumps(out))
         return
-    typer.echo(f"{method} on {model}, layers {res.layers} ({editor.hp.provenance}), {seconds:.2f} s")
+    typer.echo(f"{method} on {model}, layers {res.layers} ({describe_sources(editor.hp)}), {seconds:.2f} s")
     typer.echo(f"  P(new ={req.target_new!r}): {before['p_new']:.6f} -> {after['p_new']:.6f}")
     if req.target_true:
         typer.echo(f"  P(true={req.target_true!r}): {before['p_true']:.6f} -> {after['p_true']:.6f}")

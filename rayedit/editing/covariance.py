@@ -413,3 +413,63 @@ def check_matches(sm: SecondMoment, expected: dict, origin: str) -> None:
              if sm.provenance.get(k) != v]
     if diffs:
         raise StatsError(f"{origin}: statistics provenance does not match: " + "; ".join(diffs))
+
+
+# ------------------------------------------------------------------------------- handed-in statistics
+def _covariance_file_layers(path: str) -> dict[int, dict[str, tuple[int, ...]]]:
+    """{layer: {"sum"|"cov"|"count": shape}} from a statistics file's safetensors header (no tensor read)."""
+    from safetensors import safe_open
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise StatsError(f"covariance_file {path}: file not found")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            names = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except Exception as exc:  # not safetensors (a pickle, an .npz): never unpickled
+        raise StatsError(f"covariance_file {path}: not a safetensors file ({type(exc).__name__})") from None
+    out: dict[int, dict[str, tuple[int, ...]]] = {}
+    for name, shape in names.items():
+        kind, _, layer = name.partition(".")
+        if kind not in ("sum", "cov", "count") or not layer.isdigit():
+            raise StatsError(f"covariance_file {path}: unexpected tensor {name!r} (expected sum.<layer> or "
+                             "cov.<layer>, and count.<layer>)")
+        out.setdefault(int(layer), {})[kind] = shape
+    return out
+
+
+def check_covariance_file(path: str, layers: Sequence[int], d_ff: int | None) -> None:
+    """Every edited layer has a square d_ff×d_ff second moment (raw ``sum`` or normalised ``cov``) and a count."""
+    have = _covariance_file_layers(path)
+    for layer in layers:
+        entry = have.get(layer)
+        if entry is None:
+            raise StatsError(f"covariance_file {path}: no statistics for layer {layer} (has layers "
+                             f"{sorted(have) or 'none'})")
+        if ("sum" in entry) == ("cov" in entry):
+            raise StatsError(f"covariance_file {path}: layer {layer} needs exactly one of sum.{layer} / cov.{layer}")
+        if "count" not in entry:
+            raise StatsError(f"covariance_file {path}: layer {layer} has no count.{layer} (the sample count)")
+        shape = entry.get("sum") or entry.get("cov")
+        if len(shape) != 2 or shape[0] != shape[1] or (d_ff is not None and shape[0] != d_ff):
+            raise StatsError(f"covariance_file {path}: layer {layer} has shape {shape}; the model's edited module "
+                             f"takes {d_ff} inputs ({d_ff}×{d_ff} expected)")
+
+
+def load_covariance_file(path: str, layer: int) -> SecondMoment:
+    """The handed-in second moment of ``layer`` (checked: finite, symmetric, positive count)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(path).expanduser()))
+    count = int(tensors[f"count.{layer}"].reshape(-1)[0])
+    if count <= 0:
+        raise StatsError(f"covariance_file {path}: count.{layer} must be > 0, got {count}")
+    raw = f"sum.{layer}" in tensors
+    total = tensors[f"sum.{layer}"].double() if raw else tensors[f"cov.{layer}"].double() * count
+    if not bool(torch.isfinite(total).all()):
+        raise StatsError(f"covariance_file {path}: layer {layer} holds NaN/Inf")
+    if float((total - total.T).abs().max()) > 1e-5 * float(total.abs().max().clamp_min(1e-30)):
+        raise StatsError(f"covariance_file {path}: layer {layer} is not symmetric")
+    digest = hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
+    return SecondMoment(total, count, {"source": "covariance_file", "file": Path(path).name, "sha256": digest,
+                                       "layer": layer})

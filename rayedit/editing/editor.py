@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..data.requests import EditRequest
-from .covariance import BlobCache, CovarianceStats, StatsSettings
+from .covariance import BlobCache, CovarianceStats, StatsSettings, load_covariance_file
 from .diagnostics import COND_METHOD, matrix_stability
 from .hparams import _Base, resolve_hparams
 from .solvers import SOLVERS, Solver
@@ -71,12 +71,13 @@ class Editor:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(SOLVERS))}")
         self.lm = lm
         self.hp = hparams if isinstance(hparams, _Base) else resolve_hparams(
-            method, lm.name, lm.adapter.n_layers, hparams, d_ff=lm.adapter.d_ff)
+            method, lm.name, lm.adapter.n_layers, hparams, d_ff=lm.adapter.d_ff, model_type=lm.adapter.model_type)
         self.method = method
         self.diagnostics = diagnostics  # per-layer norm/condition rows after every batch (§8)
         self._safety_prompts = safety_prompts
         self.state = EditorState()
         self._stats = stats
+        self._file_stats: dict[int, torch.Tensor] = {}
         self._stats_cache = stats_cache
         self._stats_corpus = stats_corpus
         self._progress = progress
@@ -107,9 +108,20 @@ class Editor:
         return self.state.info["base_fingerprint"]
 
     def covariances(self, layers: Sequence[int]) -> None:
+        if getattr(self.hp, "covariance_file", None):
+            for layer in layers:
+                self.covariance(layer)
+            return
         self.stats.second_moments(layers)
 
     def covariance(self, layer: int) -> torch.Tensor:
+        path = getattr(self.hp, "covariance_file", None)
+        if path:  # handed in (fixed inputs for comparisons): never computed, never cached
+            if layer not in self._file_stats:
+                sm = load_covariance_file(path, layer)
+                self._file_stats[layer] = sm.covariance
+                self.state.info[f"covariance_file.{layer}"] = {**sm.provenance, "count": sm.count}
+            return self._file_stats[layer]
         return self.stats.covariance(layer)
 
     def safety_prompts(self) -> tuple[list[str], list[str]]:
@@ -128,7 +140,9 @@ class Editor:
     # -- templates -------------------------------------------------------------------------------
     def templates(self, style: str) -> list[list[str]]:
         if style not in self.state.templates:
-            self.state.templates[style] = generate_templates(self.lm, style, seed=self.hp.template_seed)
+            fixed = getattr(self.hp, "context_templates", None)
+            self.state.templates[style] = [list(g) for g in fixed] if fixed else generate_templates(
+                self.lm, style, seed=self.hp.template_seed)
         return self.state.templates[style]
 
     def prepare(self) -> None:
@@ -257,9 +271,14 @@ class Editor:
         # where SAME's prompt files live may differ between machines; their content is pinned by the
         # state's same_prompts_sha256, so only the other hyperparameters must match
         saved, now = json.loads(meta["hparams"]), json.loads(self.hp.model_dump_json())
-        if {k: v for k, v in saved.items() if k not in LOCATION_HPARAMS} != \
-                {k: v for k, v in now.items() if k not in LOCATION_HPARAMS}:
-            raise ValueError(f"{origin}: hyperparameters differ from the saved editor state")
+        # value_sources says where values came from, not what they are; a field newer than the saved state
+        # matches when it holds its default (the behaviour the state was made with)
+        defaults = json.loads(type(self.hp)().model_dump_json()) if "method" in saved else {}
+        skip = (*LOCATION_HPARAMS, "value_sources")
+        diff = sorted(k for k in set(saved) | set(now) if k not in skip
+                      and saved.get(k, defaults.get(k)) != now.get(k, defaults.get(k)))
+        if diff:
+            raise ValueError(f"{origin}: hyperparameters differ from the saved editor state ({', '.join(diff)})")
         self.state = EditorState(tensors=dict(tensors), templates=json.loads(meta["templates"]),
                                  info=json.loads(meta["info"]), n_batches=int(meta["n_batches"]),
                                  n_edits=int(meta["n_edits"]), touched_layers=json.loads(meta["touched_layers"]))

@@ -1,7 +1,10 @@
 """Hyperparameters (pydantic, unknown keys are errors), presets (methods.md §4) and the default rule.
 
-Resolution order: method defaults → preset for the model (by name) or the depth-proportional rule →
-user overrides (YAML/CLI). The resolved values and their provenance are recorded with every result.
+Resolution, lowest layer first: method defaults → preset for the model (by name) or the depth-proportional
+rule → a preset file's values → the ``compat: reference`` bundle → the user's values (YAML/CLI/spec, or an
+official ROME/MEMIT/AlphaEdit/EasyEdit hparams file, see ``reference.py``). A value the user sets is never
+replaced by a lower layer; user values that contradict each other are an error naming both. Every resolved
+value's source is kept in ``value_sources`` and recorded with every result.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, f
 from ..safe_yaml import MAX_VALUES, expanded_size, yaml_error_line
 
 NullspaceMode = Literal["threshold", "energy", "auto"]  # auto: threshold, energy if that selects none/all
+Compat = Literal["ours", "reference"]
 FactToken = Literal["subject_last", "subject_first", "subject_first_after_last", "last"]
 
 
@@ -27,6 +31,13 @@ class _Base(BaseModel):
     solve_dtype: Literal["float64", "float32"] = "float64"  # [OURS] fp64 solves (§9)
     template_seed: int = 0  # [OURS] seeded context templates (§2.3)
     provenance: str = "default"  # preset name, "rule", or "proposed"
+    # "reference": every behaviour methods.md tags [REF] (see COMPAT_REFERENCE); "ours": our defaults
+    compat: Compat = "ours"
+    # where each resolved value came from (default, preset:…, preset-file:…, rule, compat:reference, user,
+    # reference-file:…); filled by resolve_hparams
+    value_sources: dict[str, str] = Field(default_factory=dict)
+    # keys of an official hparams file that only name modules/datasets: checked against the model, kept here
+    reference_settings: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("layers")
     @classmethod
@@ -46,6 +57,23 @@ class _TargetFields(BaseModel):
     clamp_norm_factor: float = Field(0.75, gt=0, allow_inf_nan=False)
     kl_factor: float = Field(0.0625, ge=0, allow_inf_nan=False)
     v_max_seqs_per_forward: int = Field(1024, ge=1)
+    # fixed context templates instead of sampling them (§2.3): MEMIT's nested groups
+    # ``[["{}"], ["… {}", …]]`` or ROME's flat list (one group); a file name is read at resolution
+    context_templates: list[list[str]] | None = None
+
+    @field_validator("context_templates", mode="before")
+    @classmethod
+    def _groups(cls, v: Any) -> Any:
+        if isinstance(v, list) and v and all(isinstance(x, str) for x in v):
+            v = [v]  # ROME's flat list: one group, a plain mean
+        if isinstance(v, list):
+            for gi, group in enumerate(v):
+                if not isinstance(group, list) or not group:
+                    raise ValueError(f"group {gi}: expected a non-empty list of template strings")
+                for ti, t in enumerate(group):
+                    if not isinstance(t, str) or t.count("{}") != 1:
+                        raise ValueError(f"group {gi}, template {ti}: {str(t)[:60]!r} must contain '{{}}' once")
+        return v
 
 
 class _StatsFields(BaseModel):
@@ -56,6 +84,9 @@ class _StatsFields(BaseModel):
     mom2_max_tokens: int | None = Field(None, ge=1)
     mom2_seed: int = 1
     exclude_bos_from_stats: bool = False
+    # a precomputed second moment instead of computing one (safetensors: per edited layer ``sum.<l>`` (Σ k kᵀ)
+    # or ``cov.<l>`` (normalised), and ``count.<l>`` tokens); checked against the model's d_ff
+    covariance_file: str | None = None
 
 
 class _NullspaceFields(BaseModel):
@@ -64,6 +95,9 @@ class _NullspaceFields(BaseModel):
     nullspace_mode: NullspaceMode = "threshold"
     nullspace_threshold: float = Field(2e-2, gt=0, allow_inf_nan=False)
     nullspace_energy: float = Field(1e-3, gt=0, lt=1)
+    # [OURS] eigh in float64; [REF] SVD of the float32 covariance
+    nullspace_decomposition: Literal["eigh", "svd"] = "eigh"
+    nullspace_dtype: Literal["float64", "float32"] = "float64"
 
 
 class MemitHparams(_Base, _TargetFields, _StatsFields, _NullspaceFields):
@@ -284,21 +318,121 @@ def is_toyworld(model_name: str) -> bool:
         return False
 
 
+# [REF] behaviours selected by ``compat: reference`` (methods.md tags): ROME's original key and float32 solve
+# (the reference inverts Σ in float32), AlphaEdit's float32 solve, the projection from an SVD of the float32
+# covariance with the absolute threshold, an absolute L2; no rule-scaled values (only rule layers remain).
+# MEMIT's reference solve is float64 already.
+COMPAT_REFERENCE: dict[str, Any] = {
+    "rome_key": "original",
+    "nullspace_mode": "threshold",
+    "nullspace_decomposition": "svd",
+    "nullspace_dtype": "float32",
+    "L2_relative": None,
+}
+_COMPAT_FLOAT32_SOLVE = ("rome", "alphaedit", "same")
+
+# explicit pairs that cannot both hold: (a, b, conflict(a_value, b_value))
+_CONFLICTS: tuple[tuple[str, str, Any], ...] = (
+    ("L2", "L2_relative", lambda a, b: b is not None),
+    ("mose_lambda", "mose_lambda_rel", lambda a, b: a is not None),
+    ("nullspace_threshold", "nullspace_mode", lambda a, b: b == "energy"),
+    ("nullspace_energy", "nullspace_mode", lambda a, b: b == "threshold"),
+)
+# a user value that makes a lower layer's value of another key meaningless: (set key, other key, value)
+_IMPLIED: tuple[tuple[str, str, Any], ...] = (
+    ("L2", "L2_relative", None),  # an absolute α asked for is the α used
+    ("mose_lambda_rel", "mose_lambda", None),
+    ("nullspace_threshold", "nullspace_mode", "threshold"),
+    ("nullspace_energy", "nullspace_mode", "energy"),
+)
+# keys whose value is a file read at resolution (its content becomes the value)
+_FILE_KEYS = ("context_templates",)
+
+
+def _read_templates(path: str) -> Any:
+    p = Path(path).expanduser()
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))  # JSON is read as YAML
+    except OSError as exc:
+        raise ValueError(f"context_templates: cannot read {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"context_templates: {path}: {yaml_error_line(exc)}") from None
+    if not isinstance(data, list):
+        raise ValueError(f"context_templates: {path}: expected a list of templates (ROME) or of template groups "
+                         f"(MEMIT), got {type(data).__name__}")
+    return data
+
+
 def resolve_hparams(method: str, model_name: str, n_layers: int, overrides: dict[str, Any] | None = None,
-                    d_ff: int | None = None) -> _Base:
-    """Defaults → preset or rule → overrides; validates layer indices against the model."""
+                    d_ff: int | None = None, model_type: str | None = None) -> _Base:
+    """Defaults → preset or rule → preset file → compat bundle → user values; validates layer indices (and,
+    given ``model_type``, an official hparams file's module names) against the model.
+
+    ``overrides`` holds the user's values; under ``preset_values`` the values of a preset file (a lower
+    layer). A dict carrying ``provenance: preset-file:…`` as a whole (specs frozen before presets were kept
+    apart) is one preset layer."""
     if method not in HPARAMS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(HPARAMS))}")
     cls = HPARAMS[method]
-    preset, values = preset_for(model_name, method, n_layers)
+    fields = cls.model_fields
+    user = dict(overrides or {})
+    preset_file = user.pop("preset_values", None)
+    if preset_file is None and str(user.get("provenance", "")).startswith("preset-file:"):
+        preset_file, user = user, {}
+    preset_file = dict(preset_file or {})
+    from .reference import absorb_reference_keys
+
+    absorb_reference_keys(method, user, fields)  # official hparams files: translate and set aside
+    for k in _FILE_KEYS:
+        if isinstance(user.get(k), str):
+            user[k] = _read_templates(user[k])
+    problems = [f"{a}={user[a]!r} and {b}={user[b]!r} contradict each other; set one of them"
+                for a, b, bad in _CONFLICTS if a in user and b in user and bad(user[a], user[b])]
+    if problems:
+        raise ValueError(f"invalid {method} hyperparameters: " + "; ".join(problems))
+    compat = user.get("compat", preset_file.get("compat", "ours"))
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+
+    def layer(vals: dict[str, Any], source: str) -> None:
+        for k, v in vals.items():
+            values[k] = v
+            if k not in ("provenance", "method", "value_sources"):
+                sources[k] = source
+
+    preset, base = preset_for(model_name, method, n_layers)
     if preset is None:
-        values = rule_values(method, n_layers, d_ff)
+        base = rule_values(method, n_layers, d_ff)
+        if compat == "reference":  # no rule-scaled values; the rule's layers only
+            base = {"layers": base["layers"], "provenance": "rule"}
+        layer(base, "rule")
         if method in _TOYWORLD and is_toyworld(model_name):
-            values.update(_TOYWORLD[method], provenance="preset:toyworld")
+            layer({**_TOYWORLD[method], "provenance": "preset:toyworld"}, "preset:toyworld")
     else:
-        values["provenance"] = f"preset:{preset}"
-    values.update(overrides or {})
+        layer({**base, "provenance": f"preset:{preset}"}, f"preset:{preset}")
+    if preset_file:
+        layer(preset_file, str(preset_file.get("provenance") or "preset-file"))
+    if compat == "reference":
+        bundle = {k: v for k, v in COMPAT_REFERENCE.items() if k in fields}
+        if method in _COMPAT_FLOAT32_SOLVE:
+            bundle["solve_dtype"] = "float32"
+        if method == "mose_oft":
+            bundle["radius_factor"] = fields["radius_factor"].default  # the released absolute-size radius
+        layer(bundle, "compat:reference")
+    ref_values = (user.get("reference_settings") or {}).get("values", {})
+    for k, v in user.items():
+        values[k] = v
+        if k not in ("provenance", "method", "value_sources", "reference_settings"):
+            sources[k] = (f"reference-file:{user['reference_settings'].get('file', '?')}"
+                          if k in ref_values and ref_values[k] == v else "user")
+    for key, other, implied in _IMPLIED:  # explicit values win over what lower layers set beside them
+        if key in user and other not in user and other in fields and values.get(other, implied) != implied:
+            values[other] = implied
+            sources[other] = f"implied by {key}"
     values["method"] = method
+    values["value_sources"] = {k: sources.get(k, "default") for k in fields
+                               if k not in ("method", "provenance", "value_sources", "reference_settings")}
     try:
         hp = cls(**values)
     except ValidationError as exc:
@@ -310,18 +444,46 @@ def resolve_hparams(method: str, model_name: str, n_layers: int, overrides: dict
                          f"{n_layers} layers (0..{n_layers - 1})")
     if method == "rome" and len(hp.layers) != 1:
         raise ValueError(f"invalid rome hyperparameters: ROME edits exactly one layer, got {hp.layers}")
+    if hp.reference_settings:
+        from .reference import check_reference_settings
+
+        check_reference_settings(method, hp.reference_settings, n_layers, model_type)
+    if getattr(hp, "covariance_file", None):
+        from .covariance import check_covariance_file
+
+        check_covariance_file(hp.covariance_file, hp.layers, d_ff)
     return hp
 
 
+def describe_sources(hp: _Base) -> str:
+    """One line for the terminal: the base provenance, then every value not from it or the defaults."""
+    base = hp.provenance
+    groups: dict[str, list[str]] = {}
+    for k, src in hp.value_sources.items():
+        if src not in ("default", base, f"preset:{base}") and not (base == "rule" and src == "rule"):
+            groups.setdefault(src, []).append(k)
+    parts = [base] + [f"{src}: {', '.join(keys)}" for src, keys in groups.items()]
+    return "; ".join(parts)
+
+
 def load_overrides(path: str | Path) -> dict[str, Any]:
-    """Hyperparameter overrides from a YAML file (a mapping)."""
+    """Hyperparameter overrides from a YAML or JSON file (a mapping); an official ROME/MEMIT/AlphaEdit/EasyEdit
+    file is tagged with its name and hash (its module/dataset keys are set aside at resolution)."""
+    import json
+
+    from .reference import is_reference, mark_reference_file
+
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        raw = p.read_bytes()
+        # JSON as JSON: YAML 1.1 reads the reference files' ``5e-1`` as a string
+        data = json.loads(raw) if p.suffix.lower() == ".json" else yaml.safe_load(raw)
     except OSError as exc:
         raise ValueError(f"{p}: cannot read hyperparameters: {exc}") from None
     except yaml.YAMLError as exc:  # one line: PyYAML's own message spans several, with a source snippet
         raise ValueError(f"{p}: cannot read hyperparameters: {yaml_error_line(exc)}") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{p}: cannot read hyperparameters: {str(exc).splitlines()[0]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -329,4 +491,6 @@ def load_overrides(path: str | Path) -> dict[str, Any]:
     if expanded_size(data, MAX_VALUES) > MAX_VALUES:  # YAML aliases can expand enormously
         raise ValueError(f"{p}: hyperparameters hold more than {MAX_VALUES} values (with YAML aliases "
                          "expanded)")
+    if is_reference(data):
+        data = mark_reference_file(data, p, raw)
     return data

@@ -68,10 +68,21 @@ class NullSpace:
 
 
 def null_space_projection(cov: torch.Tensor, mode: str = "threshold", threshold: float = 2e-2,
-                          energy: float = 1e-3, label: str = "") -> NullSpace:
+                          energy: float = 1e-3, label: str = "", decomposition: str = "eigh",
+                          dtype: str = "float64") -> NullSpace:
     """AlphaEdit's projection (§3.3): eigenvectors with eigenvalue < ``threshold`` (absolute, on the
-    normalised Σ), or ``mode="energy"``: the smallest directions whose eigenvalues sum to ≤ ρ·trace."""
-    evals, evecs = torch.linalg.eigh(cov.to(torch.float64))
+    normalised Σ), or ``mode="energy"``: the smallest directions whose eigenvalues sum to ≤ ρ·trace.
+
+    ``decomposition="eigh"`` in float64 is ours; ``"svd"`` in float32 is what the reference does (for a
+    symmetric PSD matrix both give the same subspace up to rounding)."""
+    if decomposition == "eigh":
+        evals, evecs = torch.linalg.eigh(cov.to(SOLVE_DTYPES[dtype]))
+    elif decomposition == "svd":  # singular values descending: reverse to the ascending order of eigh
+        u, s, _vh = torch.linalg.svd(cov.to(SOLVE_DTYPES[dtype]), full_matrices=False)
+        evals, evecs = s.flip(0), u.flip(1)
+    else:
+        raise ValueError(f"unknown nullspace_decomposition {decomposition!r}; choose 'eigh' or 'svd'")
+    evals, evecs = evals.to(torch.float64), evecs.to(torch.float64)
     if mode == "auto":  # threshold as [REF]; energy when the absolute threshold selects none/all (§4.3)
         n_below = int((evals < threshold).sum())
         mode = "threshold" if 0 < n_below < cov.shape[0] else "energy"

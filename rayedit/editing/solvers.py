@@ -120,7 +120,8 @@ class Solver:
         if key not in st.tensors:
             ns = null_space_projection(self.editor.covariance(layer), self.hp.nullspace_mode,
                                        self.hp.nullspace_threshold, self.hp.nullspace_energy,
-                                       label=f"layer {layer}: ")
+                                       label=f"layer {layer}: ", decomposition=self.hp.nullspace_decomposition,
+                                       dtype=self.hp.nullspace_dtype)
             st.tensors[key] = ns.projection
             if self.keep_null_basis:
                 st.tensors[f"nullspace_basis.{layer}"] = ns.basis

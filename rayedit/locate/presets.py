@@ -86,15 +86,17 @@ class PresetError(ValueError):
 
 
 def validate_hparams(method: str, hparams: dict[str, Any], *, n_layers: int | None = None,
-                     d_ff: int | None = None, model_name: str = "preset") -> Any:
+                     d_ff: int | None = None, model_name: str = "preset", as_preset: bool = False) -> Any:
     """Validate ``hparams`` as ``method``'s hyperparameters; with ``n_layers`` also the layer indices.
+    ``as_preset``: the values are a preset file's full set (a lower layer than the user's values).
 
     Returns the resolved hparams object (``rayedit.editing.hparams``)."""
     from ..editing.hparams import HPARAMS, resolve_hparams
 
-    values = {k: v for k, v in hparams.items() if k not in ("method",)}
+    values = {k: v for k, v in hparams.items() if k not in ("method", "value_sources")}
     if n_layers is not None:
-        return resolve_hparams(method, model_name, n_layers, values, d_ff=d_ff)
+        return resolve_hparams(method, model_name, n_layers, {"preset_values": values} if as_preset else values,
+                               d_ff=d_ff)
     try:
         return HPARAMS[method](**{**values, "method": method})
     except ValidationError as exc:
@@ -107,7 +109,7 @@ def resolved_hparams(method: str, model_name: str, n_layers: int, overrides: dic
     """The full set of ``method``'s hyperparameters for a model (defaults → preset/rule → overrides), as
     stored in a preset: a preset keeps meaning the same numbers when rule defaults change later."""
     hp = validate_hparams(method, overrides, n_layers=n_layers, d_ff=d_ff, model_name=model_name)
-    return hp.model_dump(mode="json", exclude={"method", "provenance"})
+    return hp.model_dump(mode="json", exclude={"method", "provenance", "value_sources"})
 
 
 def make_preset(data: dict[str, Any], *, n_layers: int | None = None, d_ff: int | None = None,
@@ -118,7 +120,8 @@ def make_preset(data: dict[str, Any], *, n_layers: int | None = None, d_ff: int 
         raise PresetError("; ".join(f"{origin}: {'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}"
                                     for e in exc.errors())) from None
     try:
-        validate_hparams(preset.method, preset.hparams, n_layers=n_layers, d_ff=d_ff, model_name=preset.model)
+        validate_hparams(preset.method, preset.hparams, n_layers=n_layers, d_ff=d_ff, model_name=preset.model,
+                         as_preset=True)
     except ValueError as exc:
         raise PresetError(f"{origin}: hparams: {exc}") from None
     return preset

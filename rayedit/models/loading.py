@@ -149,6 +149,7 @@ def load_model(
     device: str | None = None,
     revision: str | None = None,
     device_map: str | dict | None = None,
+    attn_implementation: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM + tokenizer by hub name or folder. The architecture is checked before weights load."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -169,6 +170,8 @@ def load_model(
         kwargs: dict = {"revision": revision, "dtype": torch_dtype, "use_safetensors": True}
         if device_map is not None:
             kwargs["device_map"] = device_map
+        if attn_implementation is not None:  # eager | sdpa | flash_attention_2 (transformers checks it)
+            kwargs["attn_implementation"] = attn_implementation
         model = _quietly(AutoModelForCausalLM.from_pretrained, path_or_name, **kwargs)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

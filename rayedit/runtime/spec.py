@@ -541,7 +541,7 @@ def _inline_presets(data: Any, base_dir: Path) -> None:
     for i, m in enumerate(methods):
         if not isinstance(m, dict) or not isinstance(m.get("preset"), str):
             continue
-        if isinstance(m.get("hparams"), dict) and "provenance" in m["hparams"]:
+        if isinstance(m.get("hparams"), dict) and ("preset_values" in m["hparams"] or "provenance" in m["hparams"]):
             continue  # already inlined (a frozen spec written back to a file)
         try:
             preset = load_preset(resolve_data_path(m["preset"], base_dir))
@@ -554,7 +554,9 @@ def _inline_presets(data: Any, base_dir: Path) -> None:
             continue
         m.setdefault("name", preset.method)
         own = m.get("hparams") if isinstance(m.get("hparams"), dict) else {}
-        m["hparams"] = preset.overrides() | own
+        # the preset's values stay a layer of their own below the user's (an explicit value always wins,
+        # and the sources of resolved values say which is which)
+        m["hparams"] = {**own, "preset_values": preset.overrides()}
     if problems:
         raise SpecError(problems)
 

@@ -54,7 +54,7 @@ def plan_on_replica(runner: Any, mi: int, method: str, hparams: dict[str, Any],
                     stats_corpus: str) -> StatsGroup | None:
     """Missing statistics of one method variant on this replica's model (None: nothing to compute)."""
     editor, stats = _covariance_stats(runner, method, hparams, stats_corpus)
-    if not editor.solver.needs_stats:
+    if not editor.solver.needs_stats or getattr(editor.hp, "covariance_file", None):  # none, or handed in
         return None
     missing = stats.missing_layers(list(editor.hp.layers))
     if not missing:
