@@ -66,7 +66,7 @@ def edit_command(
     target_new: str = typer.Option(..., "--target-new"),
     target_true: str | None = typer.Option(None, "--target-true"),
     stats_corpus: str | None = typer.Option(None, "--stats-corpus",
-                                            help="builtin:general | enwiki-sample | file (.txt/.jsonl/.parquet)"
+                                            help="builtin:general | enwiki-sample | file (.txt/.json/.jsonl/.parquet)"
                                                  " | hf:NAME[:CFG][@REV]"),
     hparams_file: Path | None = typer.Option(None, "--hparams", help="YAML/JSON file of hyperparameters (ours, or "
                                                                      "an official ROME/MEMIT/AlphaEdit/EasyEdit file)"),

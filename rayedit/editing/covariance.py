@@ -81,6 +81,72 @@ class Corpus:
         return {"corpus": self.id, "corpus_revision": self.revision}
 
 
+_JSON_EXPECTED = ('expected a JSON array of strings or of objects with a "text" string field, '
+                  'or JSON lines (one such string or object per line)')
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return f"a number ({value!r})"
+    return {str: "a string", list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _json_document(path: Path, where: str, value: object) -> str:
+    """One corpus document: a JSON string, or an object whose "text" field is a string."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        if "text" not in value:
+            keys = ", ".join(map(repr, list(value)[:8])) or "none"
+            raise StatsError(f'{path}: {where}: object has no "text" field (keys: {keys}); {_JSON_EXPECTED}')
+        if not isinstance(value["text"], str):
+            raise StatsError(f'{path}: {where}: "text" is {_json_kind(value["text"])}, expected a string')
+        return value["text"]
+    raise StatsError(f"{path}: {where}: got {_json_kind(value)}; {_JSON_EXPECTED}")
+
+
+def _json_documents(path: Path, text: str, suffix: str) -> list[str]:
+    """Documents of a ``.json``/``.jsonl`` corpus: a JSON array (of strings or ``{"text": ...}`` objects) or
+    JSON lines. A ``.json`` file is read as one JSON value when it is one, else as JSON lines (as before)."""
+    head = text.lstrip()
+    if not head:
+        return []
+    docs: list[str] = []
+    if head.startswith("[") or suffix == ".json":
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if head.startswith("["):
+                raise StatsError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); "
+                                 f"{_JSON_EXPECTED}") from None
+        else:
+            if not isinstance(value, list):
+                raise StatsError(f"{path}: the top-level JSON value is {_json_kind(value)}; {_JSON_EXPECTED}")
+            for i, item in enumerate(value):
+                doc = _json_document(path, f"element {i}", item)
+                if doc.strip():
+                    docs.append(doc)
+            return docs
+    record = 0
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a string
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise StatsError(f"{path}: line {lineno}: invalid JSON at column {exc.colno} ({exc.msg}); "
+                             f"{_JSON_EXPECTED}") from None
+        doc = _json_document(path, f"line {lineno} (record {record})", value)
+        record += 1
+        if doc.strip():
+            docs.append(doc)
+    return docs
+
+
 def _file_corpus(path: Path) -> Corpus:
     if not path.is_file():
         raise StatsError(f"stats corpus file not found: {path}")
@@ -96,24 +162,18 @@ def _file_corpus(path: Path) -> Corpus:
                 raise StatsError(f"{path}: Parquet corpus needs a 'text' column (has {table.column_names})")
             return [t for t in table.column("text").to_pylist() if t and t.strip()]
         if suffix in (".jsonl", ".json"):
-            out = []
-            with path.open() as f:
-                for i, line in enumerate(f):
-                    if not line.strip():
-                        continue
-                    rec = json.loads(line)
-                    if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                        raise StatsError(f"{path}: record {i}: field text: missing or not a string")
-                    if rec["text"].strip():
-                        out.append(rec["text"])
-            return out
+            try:
+                text = path.read_bytes().decode("utf-8-sig")
+            except UnicodeDecodeError as exc:
+                raise StatsError(f"{path}: not UTF-8 text (byte {exc.start}); {_JSON_EXPECTED}") from None
+            return _json_documents(path, text, suffix)
         return [ln for ln in path.read_text().splitlines() if ln.strip()]  # .txt: one document per line
 
     return Corpus(id=f"file:{path.name}", revision=f"sha256:{digest}", load=load)
 
 
 def resolve_corpus(spec: str | None) -> Corpus:
-    """``builtin:general`` | ``enwiki-sample`` | ``toyworld:<seed>`` | a local .txt/.jsonl/.parquet |
+    """``builtin:general`` | ``enwiki-sample`` | ``toyworld:<seed>`` | a local .txt/.json/.jsonl/.parquet |
     ``hf:NAME[:CONFIG][@REVISION]`` | ``wikitext`` | ``auto``.
 
     ``auto`` is wikitext-103 unless the hub is offline, then the builtin corpus (with a warning).
