@@ -1,10 +1,14 @@
-"""Fixes for first-time users (issue 16): JSON statistics corpora."""
+"""Fixes for first-time users (issue 16): JSON statistics corpora, fluency shown in bits."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -69,3 +73,69 @@ def test_bad_json_corpus_is_one_clear_error(tmp_path: Path, name: str, text: str
     for part in expect:
         assert part in msg, msg
     assert ei.value.__cause__ is None  # no chained JSONDecodeError traceback for the user to wade through
+
+
+# --- 2. fluency in bits -----------------------------------------------------------------------------
+def _generation_rows(cid: str, sid: str, step: int, fluency: list[float]) -> list[dict]:
+    return [{"campaign": cid, "stream": sid, "model": "tiny:llama", "method": "memit", "dataset": "facts",
+             "seed": 0, "step": step, "suite": "generation", "protocol": "generation/v1", "case_id": f"r{i}",
+             "record_index": i, "chat_template": False, "word_tokenizer": "regex", "fluency": f,
+             "consistency": 0.25} for i, f in enumerate(fluency)]
+
+
+def test_summarize_keeps_fluency_in_bits_and_rates_in_percent() -> None:
+    from rayedit.evaluate import summarize, summary_rows
+
+    rows = _generation_rows("c", "s", 0, [5.5, 5.62])
+    m = summarize(rows)["generation/v1"]["metrics"]
+    assert m["fluency"]["mean"] == pytest.approx(5.56)  # bits, as methods.md defines it (not 556)
+    assert m["consistency"]["mean"] == pytest.approx(25.0)  # a cosine: ×100 as the papers print it
+    tidy = {r["metric"]: r["mean"] for r in summary_rows(rows)}
+    assert tidy["fluency"] == pytest.approx(5.56) and tidy["consistency"] == pytest.approx(25.0)
+
+
+def test_report_tables_show_fluency_in_bits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+    from test_report import _edit_rows, _spec_yaml
+
+    from rayedit.cli.report_cmd import print_report_summary
+    from rayedit.report import make_report
+    from rayedit.report.load import expected_streams
+    from rayedit.store import commit_eval_part, commit_step, open_store
+    from rayedit.store.formats import encode_parquet
+    from rayedit.store.layout import EDITS, spec_key
+
+    store = open_store(str(tmp_path / "store"))
+    store.put_bytes(spec_key("flu"), _spec_yaml("flu", 4, 4).encode())
+    rng = np.random.default_rng(0)
+    fluency = [5.5, 5.62, 5.58, 5.54]  # mean 5.56 bits
+    for s in expected_streams(yaml.safe_load(store.get_bytes(spec_key("flu")).decode())):
+        rows = _edit_rows("flu", s.sid, s.method, 0, 4, rng)
+        assert commit_step(store, "flu", s.sid, 0, {EDITS: encode_parquet(pa.Table.from_pylist(rows)),
+                                                    "delta.safetensors": b"-"})
+        gen = [{**r, "method": s.method} for r in _generation_rows("flu", s.sid, 0, fluency)]
+        assert commit_eval_part(store, "flu", s.sid, 0, "generation", 0, pa.Table.from_pylist(gen))
+    rep, _where = make_report(store, ["flu"])
+
+    ev = next(t for t in rep.tables if t.name == "flu--facts--eval")
+    assert "Flu. (bits)" in ev.headers and "Consis." in ev.headers
+    col = ev.headers.index("Flu. (bits)")
+    assert all(r[col].mean == pytest.approx(5.56) for r in ev.rows)
+    assert all(r[ev.headers.index("Consis.")].mean == pytest.approx(25.0) for r in ev.rows)
+    md = ev.to_markdown()
+    assert "Flu. (bits)" in md and "5.56" in md and "556" not in md and "Flu. in bits" in md
+    head, *body = list(csv.reader(io.StringIO(ev.to_csv())))
+    assert all(float(r[head.index("Flu. (bits) mean")]) == pytest.approx(5.56) for r in body)
+    tables = tmp_path / "store/campaigns/flu/report/tables"
+    assert "| 5.56 ±" in (tables / "flu--facts--eval.md").read_text()
+    long = list(csv.DictReader(io.StringIO((tables / "flu--eval-metrics.csv").read_text())))
+    flu = [r for r in long if r["metric"] == "fluency"]
+    assert flu and all(float(r["scale"]) == 1.0 and float(r["mean"]) == pytest.approx(5.56) for r in flu)
+
+    from rayedit.report.build import _best
+
+    assert col not in _best(ev) and ev.headers.index("Consis.") in _best(ev)  # fluency is not bolded as "best"
+
+    print_report_summary(rep)  # what `rayedit run` prints at the end
+    out = capsys.readouterr().out
+    assert "Flu. (bits)" in out and "5.56" in out and "556" not in out

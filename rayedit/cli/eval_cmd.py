@@ -110,7 +110,7 @@ def eval_command(
     rows_out: Path | None = typer.Option(None, "--rows", help="Also write per-record rows as JSON lines."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Evaluate MODEL on DATASET and print summary metrics (means ×100, with counts)."""
+    """Evaluate MODEL on DATASET and print summary metrics (means ×100, fluency in bits, with counts)."""
     from rayedit.evaluate import (
         AttributeSnippets,
         TfidfModel,

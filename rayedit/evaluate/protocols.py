@@ -17,8 +17,9 @@ class Protocol:
     name: str
     version: int
     description: str
-    metrics: tuple[str, ...]  # per-record scalar columns, each summarised as mean ×100
+    metrics: tuple[str, ...]  # per-record scalar columns, each summarised as mean ×100 (except ``unscaled``)
     score_of: tuple[str, ...] = ()  # harmonic mean of these summary metrics → "score" (empty: none)
+    unscaled: tuple[str, ...] = ()  # metrics that are not rates: summarised as plain means in their own unit
     notes: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -52,6 +53,7 @@ GENERATION = Protocol(
         "attribute snippets (only when snippets/idf/vocab are given)."
     ),
     metrics=("fluency", "consistency"),
+    unscaled=("fluency",),  # bits (≈5.5–6 for a healthy model), not ×100 as the papers print it
 )
 
 ZSRE_TOKEN_ACC = Protocol(

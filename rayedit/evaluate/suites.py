@@ -151,7 +151,8 @@ def harmonic_mean(values: Iterable[float]) -> float:
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per protocol: ``{"n_records", "chat_template", "metrics": {name: {"mean": ×100, "n"}}, "score"?}``.
+    """Per protocol: ``{"n_records", "chat_template", "metrics": {name: {"mean": ×100, "n"}}, "score"?}``;
+    the protocol's ``unscaled`` metrics (generation fluency, in bits) are plain means, not ×100.
 
     Means skip NaN (e.g. a record without paraphrases); ``n`` counts the values averaged. The CounterFact
     ``score`` is the harmonic mean of the efficacy, paraphrase and neighborhood success means. Rows of
@@ -169,7 +170,8 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         metrics: dict[str, dict[str, float | int]] = {}
         for name in proto.metrics:
             vals = [r[name] for r in group if _is_number(r.get(name))]
-            metrics[name] = {"mean": 100.0 * sum(vals) / len(vals) if vals else float("nan"), "n": len(vals)}
+            scale = 1.0 if name in proto.unscaled else 100.0
+            metrics[name] = {"mean": scale * sum(vals) / len(vals) if vals else float("nan"), "n": len(vals)}
         entry: dict[str, Any] = {"n_records": len(group), "chat_template": chat.pop(), "metrics": metrics}
         if proto.score_of:
             entry["score"] = harmonic_mean(metrics[m]["mean"] for m in proto.score_of)
@@ -180,7 +182,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def summary_rows(rows: Sequence[dict[str, Any]], by: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Tidy summary: one row per (protocol, *by, metric) with ``mean`` (×100) and ``n``."""
+    """Tidy summary: one row per (protocol, *by, metric) with ``mean`` (×100, as ``summarize``) and ``n``."""
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(tuple(row.get(k) for k in by), []).append(row)

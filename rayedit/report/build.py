@@ -169,7 +169,7 @@ def _best(t: Table) -> dict[int, str]:
     """Columns whose best value is bolded: the known success/accuracy metrics and Score (higher is better)."""
     if not t.name.endswith("--eval"):
         return {}
-    better = {label for rows in HEADLINE.values() for _, label, _ in rows} - {"Flu."}
+    better = {label for rows in HEADLINE.values() for _, label, _ in rows} - {"Flu. (bits)"}
     return {i: "max" for i, h in enumerate(t.headers)
             if i >= 3 and (h.split(" [")[0] in better or h.startswith("Score"))}
 

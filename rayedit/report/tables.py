@@ -33,12 +33,12 @@ class Metric:
         return "(%)" in self.axis
 
 
-#: headline metrics of the known protocols (paper abbreviations), shown ×100 like ``summarize``
+#: headline metrics of the known protocols (paper abbreviations), shown ×100 like ``summarize`` (except UNSCALED)
 HEADLINE: dict[str, tuple[tuple[str, str, str], ...]] = {
     "counterfact-prob/v1": (("efficacy_success", "Eff.", "efficacy success (%)"),
                             ("paraphrase_success", "Gen.", "paraphrase success (%)"),
                             ("neighborhood_success", "Spe.", "neighborhood success (%)")),
-    "generation/v1": (("fluency", "Flu.", "fluency (×100, bits)"),
+    "generation/v1": (("fluency", "Flu. (bits)", "fluency (bits, n-gram entropy)"),
                       ("consistency", "Consis.", "consistency (×100, TF-IDF cos)")),
     "zsre-token-acc/v1": (("efficacy", "Eff.", "efficacy (token acc., %)"),
                           ("generalization", "Gen.", "generalization (token acc., %)"),
@@ -48,6 +48,8 @@ HEADLINE: dict[str, tuple[tuple[str, str, str], ...]] = {
                     ("locality", "Loc.", "locality (%)")),
 }
 KNOWN_PROTOCOLS = frozenset(HEADLINE)
+#: metrics of known protocols that are not rates: shown in their own unit, not ×100 (``Protocol.unscaled``)
+UNSCALED = frozenset({("generation/v1", "fluency")})
 #: names for columns of other suites (general ability, safety, stability) when they appear
 GENERIC_LABELS = {"delta_u": "Δ_U", "unsafe": "Unsafe", "unsafe_rate": "Unsafe", "retention": "Ret.",
                   "general_acc": "General", "accuracy": "Acc."}
@@ -127,7 +129,8 @@ class EvalScales:
                     lo[key] = min(lo.get(key, math.inf), float(vals.min()))
                     hi[key] = max(hi.get(key, -math.inf), float(vals.max()))
         for key in lo:
-            out[key] = 100.0 if key[0] in KNOWN_PROTOCOLS or (lo[key] >= 0.0 and hi[key] <= 1.0) else 1.0
+            out[key] = 1.0 if key in UNSCALED else (
+                100.0 if key[0] in KNOWN_PROTOCOLS or (lo[key] >= 0.0 and hi[key] <= 1.0) else 1.0)
         return cls(out)
 
     def of(self, protocol: str, col: str) -> float:
@@ -377,7 +380,7 @@ def eval_table(camp: CampaignData, dataset: str, scales: EvalScales) -> Table | 
         rows.append(row)
     return Table(f"{camp.cid}--{_slug(dataset)}--eval", f"{camp.cid} · {dataset}: evaluation", headers, rows,
                  note="Mean ± 95% t-interval over evaluated records, at each stream's latest evaluated committed "
-                      "step (edits = edits made by then); success/accuracy metrics in %, Flu./Consis. ×100; "
+                      "step (edits = edits made by then); success/accuracy metrics in %, Flu. in bits, Consis. ×100; "
                       "Score = harmonic mean of Eff., Gen., Spe.")
 
 
