@@ -1,10 +1,15 @@
-"""Fixes for first-time users (issue 16): JSON statistics corpora, fluency shown in bits."""
+"""Fixes for first-time users (issue 16): JSON statistics corpora, fluency shown in bits, and no noise from the
+tokenizer's length warning or transformers' ``past_key_values`` deprecation on every run."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import logging
+import math
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +19,7 @@ import torch
 
 from rayedit.editing.covariance import CovarianceStats, LocalBlobCache, StatsError, StatsSettings, resolve_corpus
 from rayedit.models import build_tiny_model
+from rayedit.models.tiny import builtin_texts
 
 DOCS = ["The river runs north to the sea.", "Paris is the capital of France.", "A cat sat on the mat."]
 
@@ -139,3 +145,92 @@ def test_report_tables_show_fluency_in_bits(tmp_path: Path, capsys: pytest.Captu
     print_report_summary(rep)  # what `rayedit run` prints at the end
     out = capsys.readouterr().out
     assert "Flu. (bits)" in out and "5.56" in out and "556" not in out
+
+
+# --- 3. no tokenizer-length / past_key_values noise ---------------------------------------------------
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def transformers_log() -> Iterator[_Records]:
+    """transformers' own logger at its default (warning) verbosity (the tests run it at error), recorded."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()
+    handler = _Records()
+    root = logging.getLogger("transformers")
+    root.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        hf_logging.set_verbosity(before)
+
+
+LENGTH_WARNING = "Token indices sequence length is longer than the specified maximum sequence length"
+
+
+def test_statistics_run_does_not_print_the_token_length_warning(tmp_path: Path, transformers_log: _Records) -> None:
+    lm = build_tiny_model("gpt2", n_layers=2)
+    lm.tokenizer.model_max_length = lm.adapter.max_positions  # as a real checkpoint's tokenizer says (256 here)
+    long_doc = " ".join(builtin_texts(limit=40))  # longer than 256 tokens: cut to max_len by the statistics code
+    assert len(lm.tokenizer(long_doc, verbose=False)["input_ids"]) > 2 * lm.adapter.max_positions
+    corpus = _write(tmp_path / "long.jsonl", json.dumps({"text": long_doc}) + "\n" + json.dumps({"text": "hi"}))
+    stats = CovarianceStats(lm, str(corpus), StatsSettings(n_samples=10, batch_tokens=1024),
+                            cache=LocalBlobCache(tmp_path / "cache"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sm = stats.second_moments([1])[1]
+    assert sm.count == lm.adapter.max_positions + len(lm.tokenizer("hi")["input_ids"])  # the long one was cut
+    assert not [m for m in transformers_log.messages if "Token indices sequence length" in m]
+    assert not [w for w in caught if "Token indices sequence length" in str(w.message)]
+
+    # narrow: the tokenizer's warning itself is not muted (a direct call still reports a too long sequence)
+    lm.tokenizer(long_doc)
+    assert any(LENGTH_WARNING in m for m in transformers_log.messages)
+
+
+def test_decoding_passes_no_deprecated_past_key_values(transformers_log: _Records) -> None:
+    from rayedit.evaluate.audit.sampling import decode_batch
+    from rayedit.evaluate.generation import sample_top_k
+    from rayedit.evaluate.scoring import PromptEncoder
+
+    for family in ("gpt2", "llama"):
+        lm = build_tiny_model(family, n_layers=2)
+        enc = PromptEncoder(lm.tokenizer)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            samples = sample_top_k(lm.model, enc, ["The capital of France is", "A cat"], max_length=12,
+                                   generator=torch.Generator().manual_seed(0))
+            decoded = decode_batch(lm.model, lm.tokenizer, [lm.tokenizer("The river")["input_ids"]],
+                                   max_new_tokens=4, stop_at_eos=False)
+        assert all(len(s.token_ids) == 12 for s in samples) and len(decoded[0].ids) == 4
+        noise = [str(w.message) for w in caught if "past_key_values" in str(w.message)]
+        noise += [m for m in transformers_log.messages if "past_key_values" in m]
+        assert not noise, (family, noise)
+
+        # the cache really is used: one step with it equals the full forward's last position
+        from rayedit.evaluate.scoring import kv_cache_kwarg, output_kv_cache
+
+        ids = torch.tensor([lm.tokenizer("The river runs to the sea")["input_ids"]])
+        kw = kv_cache_kwarg(lm.model)
+        with torch.no_grad():
+            full = lm.model(input_ids=ids, use_cache=False).logits[0, -1]
+            first = lm.model(input_ids=ids[:, :-1], use_cache=True, **{kw: None})
+            step = lm.model(input_ids=ids[:, -1:], use_cache=True, **{kw: output_kv_cache(first)}).logits[0, -1]
+        assert torch.allclose(full, step, atol=1e-5)
+
+        # narrow: nothing filters transformers' deprecations globally (the legacy name still warns where renamed)
+        if kw == "cache":
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                lm.model(input_ids=ids, past_key_values=None, use_cache=True)
+            assert any("past_key_values" in str(w.message) for w in caught)
+        assert not math.isnan(float(full[0]))

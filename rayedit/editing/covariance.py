@@ -323,7 +323,10 @@ def accumulate_second_moments(
     ad, tok = lm.adapter, lm.tokenizer
     dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[settings.dtype]
     max_len = settings.max_len or min(ad.max_positions, 4096)
-    seqs = [ids[:max_len] for ids in tok(list(docs), add_special_tokens=True)["input_ids"]]
+    # Documents are cut to ``max_len`` tokens right here, so the tokenizer's "sequence length is longer than
+    # the specified maximum" warning (printed once per tokenizer, i.e. on every statistics run) is noise:
+    # ``verbose=False`` drops it (and only tokenizer-call notices; nothing is padded or truncated by the call).
+    seqs = [ids[:max_len] for ids in tok(list(docs), add_special_tokens=True, verbose=False)["input_ids"]]
     seqs = [s for s in seqs if s]
     bos = tok.bos_token_id if settings.exclude_bos else None
     if settings.max_tokens is not None:  # token budget: keep whole documents in order until it is spent

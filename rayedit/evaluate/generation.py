@@ -29,7 +29,7 @@ import torch
 
 from .protocols import GENERATION
 from .records import case_id_of, request_of, str_list
-from .scoring import PromptEncoder, model_device, model_max_positions
+from .scoring import PromptEncoder, kv_cache_kwarg, model_device, model_max_positions, output_kv_cache
 
 NAN = float("nan")
 _REGEX_WORDS = re.compile(r"\w+(?:[-']\w+)*|[^\w\s]")
@@ -189,11 +189,12 @@ def sample_top_k(model: torch.nn.Module, encoder: PromptEncoder, prompts: Sequen
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     new_tokens: list[torch.Tensor] = []
     past = None
+    cache_kw = kv_cache_kwarg(model)
     step_ids, step_pos = input_ids, pos
     for _ in range(steps):
-        out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past,
-                    use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
+                    **{cache_kw: past})
+        past = output_kv_cache(out)
         logits = out.logits[:, -1, :].float()
         top_vals, top_idx = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
         choice = torch.multinomial(torch.softmax(top_vals, dim=-1), 1, generator=generator)

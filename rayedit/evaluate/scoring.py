@@ -94,6 +94,25 @@ def model_max_positions(model: torch.nn.Module) -> int | None:
     return None
 
 
+def kv_cache_kwarg(model: torch.nn.Module) -> str:
+    """The forward keyword of the KV cache: ``cache`` in recent transformers (where ``past_key_values`` is a
+    deprecated alias that emits a FutureWarning), ``past_key_values`` before."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_kv_cache(out: Any) -> Any:
+    """The KV cache of a model output, read under the output's own field name (``out.past_key_values`` is a
+    deprecated alias that logs a warning where the field is called ``cache``)."""
+    fields = getattr(out, "__dataclass_fields__", {})
+    if "cache" in fields:
+        return out.cache
+    return out.past_key_values
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     try:
         return next(model.parameters()).device

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..scoring import model_device, model_max_positions
+from ..scoring import kv_cache_kwarg, model_device, model_max_positions, output_kv_cache
 
 
 def row_seed(*parts: object) -> int:
@@ -88,10 +88,11 @@ def decode_batch(model: torch.nn.Module, tokenizer, prompt_ids: Sequence[Sequenc
     step_ids, step_pos = input_ids, pos
     # only the last position's logits are needed: skip the vocabulary projection elsewhere when supported
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    cache_kw = kv_cache_kwarg(model)
     for t in range(steps):
-        out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past,
-                    use_cache=True, **extra)
-        past = out.past_key_values
+        extra[cache_kw] = past
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True, **extra)
+        past = output_kv_cache(out)
         logits = out.logits[:, -1, :]
         if greedy:
             nxt = logits.argmax(dim=-1, keepdim=True)
