@@ -105,6 +105,9 @@ def compute_targets(lm, requests: Sequence[EditRequest], contexts: Sequence[str]
     prompt_req = torch.tensor([req_of_seq[s] for s, _, _ in tgt], device=device)
     kl_rows = torch.tensor(kl_seq, device=device)
     kl_pos = pos_t[kl_rows]
+    # the only positions whose logits the loss reads: the target tokens, then each KL prompt's fact token
+    read_rows, read_pos = torch.cat([nll_seq, kl_rows]), torch.cat([nll_pos, kl_pos])
+    n_nll = len(nll_seq)
 
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
@@ -119,15 +122,14 @@ def compute_targets(lm, requests: Sequence[EditRequest], contexts: Sequence[str]
         for it in range(cfg.steps):
             opt.zero_grad(set_to_none=True)
             with hooks([add_at_positions(site, rows_t, pos_t, lambda: delta[req_t], sink, "h")]):
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                               use_cache=False).logits
+                logits = ad.logits_at(batch.input_ids, batch.attention_mask, read_rows, read_pos)
             steps_run += 1
             if h0 is None:
                 h0 = sink["h"][torch.tensor(first_seq, device=device), pos_t[first_seq]].detach().float()
-            lp_tok = torch.log_softmax(logits[nll_seq, nll_pos].float(), -1).gather(1, nll_tok[:, None])[:, 0]
+            lp_tok = torch.log_softmax(logits[:n_nll].float(), -1).gather(1, nll_tok[:, None])[:, 0]
             per_prompt = torch.zeros(len(tgt), device=device).index_add(0, tok_prompt, -lp_tok) / tok_count
             nll = torch.zeros(u, device=device).index_add(0, prompt_req, per_prompt) / n_ctx
-            kl_lp = torch.log_softmax(logits[kl_rows, kl_pos].float(), -1)
+            kl_lp = torch.log_softmax(logits[n_nll:].float(), -1)
             if kl_init is None:
                 kl_init = kl_lp.detach().clone()
             kl = cfg.kl_factor * (kl_lp.exp() * (kl_lp - kl_init)).sum(-1)  # KL(P_δ ‖ P_0)
