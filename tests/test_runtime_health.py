@@ -59,7 +59,7 @@ def test_stop_policy_stops_and_stays_stopped(tmp_path: Path) -> None:
     assert all(committed_steps(st, cid, sid) == [0] for sid in sids)
     res = CliRunner().invoke(app, ["status", cid, "--store", store])
     assert res.exit_code == 0, res.output
-    assert "stopped at step 0: weight_growth" in res.output and "1/2" in res.output
+    assert "stopped after 2 edits (step 1): weight_growth" in res.output and "1/2" in res.output
     assert "run state: finished" in res.output
 
     flag = _spec_dict(data, name="health flag", health={"action": "flag", "max_weight_growth": 1.000000001})

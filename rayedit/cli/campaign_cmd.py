@@ -55,9 +55,31 @@ def validate_command(spec: Path = typer.Argument(..., help="campaign spec (YAML)
             typer.echo(p, err=True)
         raise typer.Exit(2)
     assert parsed is not None
-    ev = parsed.evaluation
-    evals = f", evaluation after steps {parsed.eval_steps()} ({', '.join(ev.suites)})" if ev else ""
-    typer.echo(f"{spec}: ok — campaign {parsed.campaign_id!r}, {len(streams(parsed))} streams{evals}")
+    ev, au = parsed.evaluation, parsed.audit
+    steps = f"{parsed.edits_per_stream} edits per stream in {parsed.steps_per_stream()} steps"
+    evals = f", evaluation {parsed.edits_phrase(parsed.eval_steps())} ({', '.join(ev.suites)})" if ev else ""
+    if au is not None:
+        from rayedit.runtime.audit import audit_steps
+
+        evals += f", audit {parsed.edits_phrase(audit_steps(parsed))} ({', '.join(a.suite for a in au.suites)})"
+    typer.echo(f"{spec}: ok — campaign {parsed.campaign_id!r}, {len(streams(parsed))} streams, {steps}{evals}")
+
+
+@contextmanager
+def interruption() -> Iterator[None]:
+    """Ctrl-C / SIGTERM of a driver (``rayedit.runtime.campaign.Interrupted``): a few plain lines — what is
+    committed per stream and how to continue — and exit 130 (SIGINT) or 143 (SIGTERM), no traceback."""
+    from rayedit.runtime.campaign import Interrupted
+
+    try:
+        yield
+    except Interrupted as exc:
+        for line in exc.lines():
+            typer.echo(line, err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:  # outside the campaign's own handling (spec checks, the summary at the end)
+        typer.echo("interrupted (SIGINT)", err=True)
+        raise typer.Exit(130) from None
 
 
 def _write_report(store_uri: str, cid: str) -> None:
@@ -91,7 +113,8 @@ def run_command(
     from rayedit.runtime.spec import SpecError, load_spec
 
     try:
-        run_campaign(spec, store, address, max_steps=max_steps)
+        with interruption():
+            run_campaign(spec, store, address, max_steps=max_steps)
         if report:
             parsed = load_spec(spec)
             _write_report(store or parsed.store, parsed.campaign_id)
@@ -115,7 +138,8 @@ def stats_command(
     from rayedit.runtime.spec import SpecError
 
     try:
-        stats_campaign(spec, store, address)
+        with interruption():
+            stats_campaign(spec, store, address)
     except SpecError as exc:
         for p in exc.problems:
             typer.echo(p, err=True)
@@ -136,7 +160,8 @@ def resume_command(
     from rayedit.runtime.spec import SpecError
 
     try:
-        resume_campaign(campaign, store, address)
+        with interruption():
+            resume_campaign(campaign, store, address)
         if report:
             _write_report(store, campaign)
     except SpecError as exc:
@@ -148,33 +173,43 @@ def resume_command(
 @app.command("status")
 @store_errors()
 def status_command(campaign: str = typer.Argument(...), store: str = typer.Option(..., "--store")) -> None:
-    """Per stream: committed/planned steps, evaluation parts; whether the run is going, done or failed."""
+    """Every stream (started or not) with its state and edits/steps done of planned, evaluation parts; whether
+    the run is going, done, interrupted or failed."""
     import time
 
     from rayedit.runtime import health
-    from rayedit.runtime.campaign import print_summary
-    from rayedit.runtime.catalog import campaign_summaries, campaigns, read_run_state
+    from rayedit.runtime.campaign import print_campaign_summary
+    from rayedit.runtime.catalog import campaign_stream_ids, campaigns, read_frozen_spec, read_run_state
+    from rayedit.runtime.spec import SpecError
     from rayedit.store import open_store
-    from rayedit.store.layout import list_streams
 
     st = open_store(store, create=False)
     if campaign not in campaigns(st):
         _fail(f"no campaign {campaign!r} in {st.uri}")
     state = read_run_state(st, campaign)
-    print_summary(campaign, campaign_summaries(st, campaign), None if state is None else state.get("planned"))
+    print_campaign_summary(st, campaign)
+    try:
+        edits_after = read_frozen_spec(st, campaign).edits_after
+    except SpecError:
+        edits_after = None
     if state is None:
         typer.echo("run state: unknown (no driver has reported; results above are what is committed)")
-        return
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(state.get("updated", 0)))
-    line = f"run state: {state.get('state')} (driver {state.get('host')}:{state.get('pid')}, last report {when})"
-    if state.get("state") == "running" and time.time() - state.get("updated", 0) > 600:
-        line += " — no report for over 10 minutes: the driver may be gone; `rayedit resume` continues it"
-    typer.echo(line)
-    if state.get("error"):
-        typer.echo(f"error: {state['error']}")
-    for sid in list_streams(st, campaign):
+    else:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(state.get("updated", 0)))
+        what = state.get("state")
+        if what == "interrupted" and state.get("signal"):
+            what = f"interrupted by {state['signal']}"
+        line = f"run state: {what} (driver {state.get('host')}:{state.get('pid')}, last report {when})"
+        if state.get("state") == "running" and time.time() - state.get("updated", 0) > 600:
+            line += " — no report for over 10 minutes: the driver may be gone; `rayedit resume` continues it"
+        elif state.get("state") in ("interrupted", "stopped", "failed"):
+            line += f" — `rayedit resume {campaign} --store {store}` continues it"
+        typer.echo(line)
+        if state.get("error"):
+            typer.echo(f"error: {state['error']}")
+    for sid in campaign_stream_ids(st, campaign):
         for e in health.stream_events(st, campaign, sid):
-            typer.echo(f"health: {e.describe()}")
+            typer.echo(f"health: {e.describe(edits_after)}")
 
 
 @app.command("ls")

@@ -153,9 +153,14 @@ def expected_streams(spec: dict[str, Any], spec_text: str | None = None) -> list
             for label in _variants(meth):
                 for d in spec.get("datasets") or []:
                     for seed in spec.get("seeds") or [0]:
+                        # the rule of specs frozen before stream ids were recorded
                         sid = sanitize_id(f"{m['name']}--{label}--{_dataset_label(d)}--s{seed}")
                         out.append(StreamInfo(sid, str(m["name"]), str(meth["name"]), label, _dataset_label(d),
                                               int(seed), steps, edits))
+    ids = spec.get("stream_ids")
+    if isinstance(ids, list) and len(ids) == len(out):  # recorded when the campaign was frozen
+        for s, sid in zip(out, ids, strict=True):
+            s.sid = str(sid)
     return out
 
 

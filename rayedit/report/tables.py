@@ -260,22 +260,37 @@ def _last_batch_rows(edits: pd.DataFrame) -> pd.DataFrame:
 
 
 # --- tables ---------------------------------------------------------------------------------------
+def _edits_per_step(spec: dict[str, Any]) -> int | None:
+    """Edits a committed step holds (batch_size × checkpoint_every), from the frozen spec."""
+    try:
+        edits = int(spec["edits_per_stream"])
+        bs = edits if spec.get("mode") == "batch" else int(spec.get("batch_size", 1))
+        return min(edits, bs * int(spec.get("checkpoint_every", 1)))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def progress_table(camp: CampaignData) -> Table:
+    """Per stream: edits and steps done of planned, and the latest evaluation of each suite, in edits (the
+    numbering of the spec's ``at:``)."""
     rows: list[list[Cell]] = []
+    through = edits_through(camp)
+    per_step = _edits_per_step(camp.spec)
     for s in camp.streams:
         total = "?" if s.total_steps is None else str(s.total_steps)
         tedits = "?" if s.total_edits is None else str(s.total_edits)
-        last = s.steps[-1] if s.steps else None
-        evals = ", ".join(f"{suite}@{max(steps)}" for suite, steps in sorted(s.eval_steps.items())) or "–"
+        evals = ", ".join(f"{suite}@{through.get((s.sid, max(steps)), f'step {max(steps) + 1}')}"
+                          for suite, steps in sorted(s.eval_steps.items())) or "–"
         rows.append([s.model, s.method_label, s.dataset, "–" if s.seed is None else s.seed,
-                     f"{len(s.steps)}/{total}", f"{s.edits_done}/{tedits}", "–" if last is None else last,
+                     f"{len(s.steps)}/{total}", f"{s.edits_done}/{tedits}", "–" if per_step is None else per_step,
                      evals, s.status, s.sid])
     done = sum(s.done for s in camp.streams)
     state = "finished" if camp.finished else "running (or interrupted)"
     return Table(f"{camp.cid}--progress", f"{camp.cid}: progress of {len(camp.streams)} streams",
-                 ["model", "method", "dataset", "seed", "steps", "edits", "last step", "evaluated (suite@step)",
-                  "status", "stream"], rows,
-                 note=f"{done}/{len(camp.streams)} streams finished; campaign {state}. Committed steps only.")
+                 ["model", "method", "dataset", "seed", "steps", "edits", "edits per step",
+                  "evaluated (suite@edits)", "status", "stream"], rows,
+                 note=f"{done}/{len(camp.streams)} streams finished; campaign {state}. Committed steps only; "
+                      "suite@N: latest evaluation, after N edits.")
 
 
 def diagnostics_table(camp: CampaignData, dataset: str) -> Table:

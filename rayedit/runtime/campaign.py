@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,13 +23,14 @@ from typing import Any
 from rayedit.runtime import health
 from rayedit.runtime import stats as stats_stage
 from rayedit.runtime.audit import AuditShard, plan_audit, plan_unedited, run_audit_shard
-from rayedit.runtime.catalog import RunStateWriter, StreamSummary, campaign_summaries, freeze_spec, read_frozen_spec
+from rayedit.runtime.catalog import RunStateWriter, StreamSummary, campaign_summaries, freeze, read_frozen_spec
 from rayedit.runtime.evaluation import EvalShard, plan_shards, run_shard
 from rayedit.runtime.spec import (
     CampaignSpec,
     SpecError,
     deep_check,
     load_spec,
+    pin_files,
     request_of,
     resolve_data_path,
     stream_records,
@@ -157,28 +161,40 @@ def replica_options(m: Any, actor_env: dict[str, str] | None = None) -> dict[str
 
 
 class Progress:
-    """Per-stream progress: rich bars on a terminal, plain lines otherwise (logs, CI, Ray jobs)."""
+    """Per-stream progress in edits (the numbering of a spec's ``at:``), with the step count beside it: rich
+    bars on a terminal, plain lines otherwise (logs, CI, Ray jobs)."""
 
-    def __init__(self, totals: dict[str, int], enabled: bool = True) -> None:
-        self.totals = totals
+    def __init__(self, totals: dict[str, int], enabled: bool = True,
+                 edits_after: Callable[[int], int] | None = None) -> None:
+        self.totals = totals  # steps per stream
         self.enabled = enabled
+        self.edits_after = edits_after or (lambda step: step + 1)
         self.rich = None
         if enabled and sys.stdout.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
             from rich.progress import Progress as RichProgress
 
             self.rich = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn())
-            self.tasks = {sid: self.rich.add_task(sid, total=n) for sid, n in totals.items()}
+                                     TextColumn("edits"), TimeElapsedColumn())
+            self.tasks = {sid: self.rich.add_task(sid, total=self.edits(n)) for sid, n in totals.items()}
             self.rich.start()
 
+    def edits(self, steps_done: int) -> int:
+        """Edits made once ``steps_done`` steps are committed."""
+        return self.edits_after(steps_done - 1) if steps_done > 0 else 0
+
+    def line(self, sid: str, done: int) -> str:
+        n = self.totals[sid]
+        return f"{sid}: edits {self.edits(done)}/{self.edits(n)} (step {done}/{n})"
+
     def update(self, sid: str, done: int, note: str = "") -> None:
+        """``done``: committed steps of the stream."""
         if not self.enabled:
             return
         if self.rich is not None:
-            self.rich.update(self.tasks[sid], completed=done)
+            self.rich.update(self.tasks[sid], completed=self.edits(done))
         else:
-            print(f"[{time.strftime('%H:%M:%S')}] {sid}: step {done}/{self.totals[sid]} {note}".rstrip(), flush=True)
+            print(f"[{time.strftime('%H:%M:%S')}] {self.line(sid, done)} {note}".rstrip(), flush=True)
 
     def note(self, text: str) -> None:
         if not self.enabled:
@@ -193,23 +209,125 @@ class Progress:
             self.rich.stop()
 
 
-def print_summary(cid: str, rows: list[StreamSummary], planned: dict[str, dict[str, int]] | None = None) -> None:
-    """The per-stream table; with ``planned`` (from the run state) counts read "done/planned"."""
+SUMMARY_COLUMNS = ("stream", "state", "edits", "steps", "mean target NLL", "seconds", "eval parts")
+
+
+def summary_rows(rows: list[StreamSummary], planned: dict[str, dict[str, int]] | None = None,
+                 states: dict[str, str] | None = None) -> list[list[str]]:
+    """The cells of the per-stream table: counts read "done/planned" when the plan is known."""
+    def of(done: int, sid: str, what: str) -> str:
+        total = (planned or {}).get(sid, {}).get(what)
+        if total == 0 and done == 0:
+            return "-"  # nothing planned (no evaluation schedule)
+        return str(done) if total is None else f"{done}/{total}"
+
+    return [[r.sid, (states or {}).get(r.sid, "-"), of(r.edits, r.sid, "edits"), of(r.steps_committed, r.sid, "steps"),
+             "-" if r.mean_target_nll is None else f"{r.mean_target_nll:.3f}", f"{r.seconds:.1f}",
+             of(r.eval_parts, r.sid, "eval_parts")] for r in rows]
+
+
+def print_summary(cid: str, rows: list[StreamSummary], planned: dict[str, dict[str, int]] | None = None,
+                  states: dict[str, str] | None = None, width: int | None = None) -> None:
+    """The per-stream table (stream ids in full). A terminal too narrow for it (``width``: the terminal's, or
+    no limit in logs) gets two lines per stream instead."""
     from rich.console import Console
     from rich.table import Table
 
-    def of(done: int, sid: str, what: str) -> str:
-        total = (planned or {}).get(sid, {}).get(what)
-        return str(done) if total is None else f"{done}/{total}"
-
+    cells = summary_rows(rows, planned, states)
+    keep = [i for i, c in enumerate(SUMMARY_COLUMNS) if c != "state" or states is not None]
+    widths = [max([len(SUMMARY_COLUMNS[i])] + [len(r[i]) for r in cells]) for i in keep]
+    need = sum(widths) + 3 * len(keep) + 1
+    if width is None and not sys.stdout.isatty():
+        width = max(140, need)  # logs: never wrap
+    console = Console(width=width)
+    if console.width < need:
+        console.print(f"campaign {cid}", highlight=False)
+        for r in cells:
+            console.print(r[0], highlight=False, soft_wrap=True)
+            console.print("    " + ", ".join(f"{SUMMARY_COLUMNS[i]} {r[i]}" for i in keep[1:]), highlight=False)
+        return
     table = Table(title=f"campaign {cid}")
-    for col in ("stream", "steps committed", "last step", "edits", "mean target NLL", "seconds", "eval parts"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r.sid, of(r.steps_committed, r.sid, "steps"), "-" if r.last_step is None else str(r.last_step),
-                      str(r.edits), "-" if r.mean_target_nll is None else f"{r.mean_target_nll:.3f}",
-                      f"{r.seconds:.1f}", of(r.eval_parts, r.sid, "eval_parts"))
-    Console(width=None if sys.stdout.isatty() else 140).print(table)  # logs: do not wrap at 80
+    for i in keep:
+        table.add_column(SUMMARY_COLUMNS[i], no_wrap=True)
+    for r in cells:
+        table.add_row(*(r[i] for i in keep))
+    console.print(table)
+
+
+class Interrupted(KeyboardInterrupt):
+    """The driver got SIGINT (Ctrl-C) or SIGTERM: it stopped cleanly, committed work stays, and ``rayedit resume``
+    continues. ``committed``: each stream's summary when it stopped; ``exit_code``: 128 + the signal number."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+        self.cid: str | None = None
+        self.store_hint: str | None = None  # what to pass to --store
+        self.committed: list[StreamSummary] = []
+        self.planned: dict[str, dict[str, int]] = {}
+        self.hint: str | None = None  # how to continue, when it is not `rayedit resume`
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def lines(self) -> list[str]:
+        """A few plain lines for the terminal: what is committed per stream, and how to continue."""
+        out = [f"interrupted ({self.signal_name}): stopped cleanly; every committed step is kept"]
+        for r in self.committed:
+            p = self.planned.get(r.sid, {})
+            steps, edits = p.get("steps"), p.get("edits")
+            if r.steps_committed == 0:
+                out.append(f"  {r.sid}: not started" + (f" (0/{edits} edits)" if edits else ""))
+            else:
+                out.append(f"  {r.sid}: {r.edits}{f'/{edits}' if edits else ''} edits committed "
+                           f"(step {r.steps_committed}{f'/{steps}' if steps else ''})")
+        if self.hint:
+            out.append(self.hint)
+        elif self.cid:
+            out.append(f"continue with: rayedit resume {self.cid} --store {self.store_hint}")
+        return out
+
+
+def store_hint(store: Store) -> str:
+    """The ``--store`` argument that reopens ``store`` from any folder (a local store by its absolute path)."""
+    root = getattr(store, "root", None)
+    return str(root) if isinstance(root, Path) else store.uri
+
+
+@contextmanager
+def interrupt_signals() -> Iterator[Callable[[], None]]:
+    """SIGINT and SIGTERM raise ``Interrupted`` in the main thread (instead of Ray's SIGTERM handler, which
+    dumps a native stack trace and exits with a SystemExit), so both take the KeyboardInterrupt path: run state
+    "interrupted", actors killed, Ray shut down. A second signal during that cleanup exits at once. Yields a
+    function that installs the handlers again: ``ray.init`` replaces the SIGTERM one."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    fired: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if fired:  # asked again while stopping: do not wait for the cleanup
+            os._exit(128 + signum)
+        fired.append(signum)
+        raise Interrupted(signum)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def install() -> None:
+        for sig in previous:
+            signal.signal(sig, handler)
+
+    install()
+    try:
+        yield install
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h if h is not None else signal.SIG_DFL)
 
 
 def build_jobs(spec: CampaignSpec, base_dir: Path | None, known: dict[tuple[int, int], set[str]] | None = None
@@ -342,23 +460,54 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
             actor_env: dict[str, str] | None = None) -> list[StreamSummary]:
     """Run (or resume) every stream of a validated spec on Ray, with its evaluation schedule.
 
-    ``max_steps`` stops each stream once it has that many committed steps (tests: interruption).
-    ``stats_only`` runs only the statistics stage (``rayedit stats``).
-    ``on_eval_dispatch``/``on_eval_done``/``actor_env`` are hooks for fault-injection tests and benchmarks.
+    Input files are pinned first (absolute paths, identities: ``pin_files``), so a relative data path means
+    the same file whatever the working directory of a later resume. ``max_steps`` stops each stream once it has
+    that many committed steps (tests: interruption). ``stats_only`` runs only the statistics stage (``rayedit
+    stats``). ``on_eval_dispatch``/``on_eval_done``/``actor_env`` are hooks for fault-injection tests and
+    benchmarks. SIGINT/SIGTERM stop the run cleanly: ``Interrupted`` (a KeyboardInterrupt) says what is committed.
     """
-    import ray
-
+    spec = pin_files(spec, base_dir)
     problems = deep_check(spec, base_dir)
     if problems:
         raise SpecError(problems)
-    cid = spec.campaign_id
     if not stats_only:  # statistics may be computed ahead of a campaign whose spec is still changing
-        freeze_spec(store, spec)
+        spec, _ = freeze(store, spec, base_dir)  # the frozen stream ids, the files as found now
+    with interrupt_signals() as rearm:
+        try:
+            return _execute(spec, store, base_dir=base_dir, address=address, max_steps=max_steps,
+                            progress=progress, stats_only=stats_only, on_step=on_step,
+                            on_eval_dispatch=on_eval_dispatch, on_eval_done=on_eval_done, actor_env=actor_env,
+                            rearm=rearm)
+        except KeyboardInterrupt as exc:
+            stop = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
+            if stats_only:  # nothing frozen to resume: the statistics computed so far are in the store's cache
+                stop.hint = "statistics computed so far are cached; `rayedit stats` (or `rayedit run`) continues"
+                raise stop from None
+            stop.cid, stop.store_hint = spec.campaign_id, store_hint(store)
+            stop.planned = {s.sid: {"steps": spec.steps_per_stream(), "edits": spec.edits_per_stream}
+                            for s in streams(spec)}
+            try:
+                stop.committed = campaign_summaries(store, spec.campaign_id, [s.sid for s in streams(spec)])
+            except Exception as err:  # the store went away with the signal: say so, keep the interruption
+                log.warning("committed steps not read back: %s", err)
+            raise stop from None
+
+
+def _execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None, address: str | None,
+             max_steps: int | None, progress: bool, stats_only: bool,
+             on_step: Callable[[StepReport], None] | None,
+             on_eval_dispatch: Callable[[Any, EvalShard], None] | None,
+             on_eval_done: Callable[[EvalShard, int], None] | None,
+             actor_env: dict[str, str] | None, rearm: Callable[[], None]) -> list[StreamSummary]:
+    import ray
+
+    cid = spec.campaign_id
     ray_started = False
 
     def ensure_ray() -> None:
         nonlocal ray_started
         ray_started = init_ray(address) or ray_started
+        rearm()  # ray.init installs its own SIGTERM handler
 
     from rayedit.runtime import known as known_stage
 
@@ -383,7 +532,7 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
         stop = health.stopped_at(store, cid, job.sid) if spec.health is not None else None
         if stop is not None:  # its health policy stopped it in an earlier run: it stays stopped
             limit[job.sid] = 0 if last is None else last + 1
-            log.warning("%s (earlier run)", stop.describe())
+            log.warning("%s (earlier run)", stop.describe(spec.edits_after))
         if last is None or last + 1 < limit[job.sid]:  # finished streams need no replica (and no Ray)
             sched.streams[mi].append(job)
         if stats_only:
@@ -398,10 +547,11 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
         for sh in shards:
             eval_left[(sh.sid, sh.step)] += 1
         sched.push_evals(mi, shards)
+    sids = [job.sid for _, job, _ in jobs]
     if not any(sched.streams.values()) and not any(sched.evals.values()):
         log.info("campaign %s: every stream and evaluation is already complete", cid)
-        return campaign_summaries(store, cid)
-    planned = {job.sid: {"steps": job.n_steps, "eval_parts": sum(
+        return campaign_summaries(store, cid, sids)
+    planned = {job.sid: {"steps": job.n_steps, "edits": len(job.requests), "eval_parts": sum(
         len(plan_shards(spec, job.sid, t, kinds[job.sid], {})) for t in spec.eval_steps())} for _, job, _ in jobs}
     if spec.audit is not None and not stats_only:
         from rayedit.runtime.audit import audit_steps
@@ -415,9 +565,9 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
     def on_health(found: list[health.HealthEvent]) -> None:
         for e in health.record(store, cid, found):
             events.append(e)
-            log.warning("%s", e.describe())
+            log.warning("%s", e.describe(spec.edits_after))
             if bar is not None:
-                bar.note(f"health: {e.describe()}")
+                bar.note(f"health: {e.describe(spec.edits_after)}")
             if e.action == "stop":  # no new step for this stream; the one in flight still commits
                 limit[e.sid] = min(limit[e.sid], next_step.get(e.sid, e.step + 1))
         if found:
@@ -428,13 +578,17 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
     bar: Progress | None = None
     try:
         started = init_ray(address) or ray_started
+        rearm()
+    except KeyboardInterrupt as exc:
+        state.write(force=True, state="interrupted", error=None, signal=_signal_name(exc))
+        raise
     except BaseException as exc:
         state.write(force=True, state="failed", error=f"Ray: {type(exc).__name__}: {exc}")
         raise
     actors: list[tuple[int, Any]] = []
     try:
         Replica = _replica_class()
-        bar = Progress({job.sid: job.n_steps for _, job, _ in jobs}, enabled=progress)
+        bar = Progress({job.sid: job.n_steps for _, job, _ in jobs}, enabled=progress, edits_after=spec.edits_after)
         store_args = store.open_args()
         for mi in sorted(set(sched.streams) | set(sched.evals)):
             m = spec.models[mi]
@@ -489,7 +643,9 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
                 if on_eval_done:
                     on_eval_done(sh, int(result))
                 if progress:
-                    bar.note(f"{sh.sid}: eval step {sh.step} {sh.suite} shard {sh.shard} ({result} rows)")
+                    when = "unedited model" if getattr(sh, "unedited", False) else \
+                        f"after {spec.edits_after(sh.step)} edits"
+                    bar.note(f"{sh.sid}: evaluated {when}: {sh.suite} part {sh.shard} ({result} rows)")
                 eval_left[(sh.sid, sh.step)] -= 1
                 if eval_left[(sh.sid, sh.step)] == 0:
                     on_health(health.check_eval(spec, store, sh.sid, sh.step))
@@ -506,7 +662,7 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
                 if on_step:
                     on_step(rep)
                 nll = "" if rep.mean_target_nll is None else f"target NLL {rep.mean_target_nll:.3f}"
-                bar.update(job.sid, nxt, f"{rep.edits} edits {rep.seconds:.1f}s {nll}")
+                bar.update(job.sid, nxt, f"+{rep.edits} in {rep.seconds:.1f}s {nll}")
                 new: list[Any] = plan_shards(spec, job.sid, rep.step, kinds[job.sid], _columns(job))
                 if spec.audit is not None:
                     new += plan_audit(spec, by_sid[job.sid], rep.step, kinds[job.sid], decoded[job.sid],
@@ -525,8 +681,8 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
                         eval_on(a2, mi, sched.take_eval(a2, mi))
             next_step[job.sid] = nxt
             dispatch(actor, mi, nxt)
-    except KeyboardInterrupt:
-        state.write(force=True, state="stopped", error="interrupted (KeyboardInterrupt / SIGINT)")
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (interrupt_signals): not a failure
+        state.write(force=True, state="interrupted", error=None, signal=_signal_name(exc))
         raise
     except BaseException as exc:
         state.write(force=True, state="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
@@ -540,7 +696,11 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
             ray.kill(a)
         if started:
             ray.shutdown()
-    return campaign_summaries(store, cid)
+    return campaign_summaries(store, cid, sids)
+
+
+def _signal_name(exc: BaseException) -> str:
+    return exc.signal_name if isinstance(exc, Interrupted) else "SIGINT"
 
 
 def run_campaign(spec_path: str | Path, store_uri: str | None = None, address: str | None = None, *,
@@ -551,8 +711,26 @@ def run_campaign(spec_path: str | Path, store_uri: str | None = None, address: s
     out = execute(spec, store, base_dir=Path(spec_path).resolve().parent, address=address,
                   max_steps=max_steps, progress=progress)
     if summary:
-        print_summary(spec.campaign_id, out)
+        print_campaign_summary(store, spec.campaign_id, out)
     return out
+
+
+def print_campaign_summary(store: Store, cid: str, rows: list[StreamSummary] | None = None) -> None:
+    """``print_summary`` with each stream's state and planned totals (from the run state and the frozen spec)."""
+    from rayedit.runtime.catalog import planned_totals, read_run_state, stream_state
+
+    rows = campaign_summaries(store, cid) if rows is None else rows
+    state = read_run_state(store, cid)
+    try:
+        spec: CampaignSpec | None = read_frozen_spec(store, cid)
+    except SpecError:
+        spec = None
+    planned = planned_totals(spec, state)
+    run_state = None if state is None else state.get("state")
+    states = {r.sid: stream_state(r, planned.get(r.sid), run_state,
+                                  spec is not None and spec.health is not None
+                                  and health.stopped_at(store, cid, r.sid) is not None) for r in rows}
+    print_summary(cid, rows, planned, states)
 
 
 def stats_campaign(spec_path: str | Path, store_uri: str | None = None, address: str | None = None, *,
@@ -566,12 +744,13 @@ def stats_campaign(spec_path: str | Path, store_uri: str | None = None, address:
 
 def resume_campaign(cid: str, store_uri: str, address: str | None = None, *, max_steps: int | None = None,
                     progress: bool = True, summary: bool = True) -> list[StreamSummary]:
-    """``rayedit resume``: the frozen spec from the store drives the run (data paths relative to cwd)."""
+    """``rayedit resume``: the frozen spec from the store drives the run (its input files are pinned: absolute
+    paths with their identities, so any working directory will do)."""
     store = open_store(store_uri, create=False)
     spec = read_frozen_spec(store, cid)
     out = execute(spec, store, address=address, max_steps=max_steps, progress=progress)
     if summary:
-        print_summary(spec.campaign_id, out)
+        print_campaign_summary(store, spec.campaign_id, out)
     return out
 
 

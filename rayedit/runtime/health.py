@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -26,10 +27,13 @@ class HealthEvent:
     bound: float
     action: str  # stop | flag
 
-    def describe(self) -> str:
+    def describe(self, edits_after: Callable[[int], int] | None = None) -> str:
+        """One line; with ``edits_after`` (``CampaignSpec.edits_after``) it says when in edits, as ``at:`` does."""
         rel = ">" if self.check.startswith("max_") else "<"
         verb = "stopped" if self.action == "stop" else "flagged"
-        return (f"{self.sid}: {verb} at step {self.step}: {self.check.removeprefix('max_').removeprefix('min_')} "
+        when = f"after {edits_after(self.step)} edits (step {self.step + 1})" if edits_after is not None \
+            else f"at step {self.step + 1}"
+        return (f"{self.sid}: {verb} {when}: {self.check.removeprefix('max_').removeprefix('min_')} "
                 f"{self.value:.4g} {rel} bound {self.bound:.4g}")
 
 

@@ -6,6 +6,7 @@ ignored setting. No Ray here: validation runs before anything heavy starts.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import itertools
 import json
@@ -283,6 +284,19 @@ class HealthSpec(_Strict):
     min_fluency: float | None = Field(None, ge=0.0, description="mean generation fluency (n-gram entropy, bits)")
 
 
+class FileIdentity(_Strict):
+    """A local input file as the campaign was frozen with it: where it was, and what it held."""
+
+    path: str = Field(description="absolute path at the campaign's first run")
+    given: str = Field(description="the path as the spec wrote it (tried from the working directory if "
+                                   "``path`` is gone)")
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    def describe(self) -> str:
+        return f"sha256 {self.sha256[:16]}…, {self.size} bytes"
+
+
 class CampaignSpec(_Strict):
     name: str = Field(min_length=1)
     mode: Mode
@@ -302,6 +316,24 @@ class CampaignSpec(_Strict):
     evaluation: EvaluationSpec | None = None
     health: HealthSpec | None = None
     audit: AuditSpec | None = None
+    # Written when the spec is frozen in the store (``pin_files``, ``frozen_yaml``); a user spec leaves them out.
+    # stream_ids: each stream's id (store folder) in ``streams()`` order, so a campaign keeps its ids whatever
+    # rule later code derives them with. files: the identity of each local input file, by key path.
+    stream_ids: list[str] | None = None
+    files: dict[str, FileIdentity] | None = None
+
+    @field_validator("stream_ids")
+    @classmethod
+    def _safe_stream_ids(cls, v: list[str] | None) -> list[str] | None:
+        from rayedit.store.keys import is_safe_id
+
+        if v is not None:
+            bad = [sid for sid in v if not is_safe_id(sid)]
+            if bad:
+                raise ValueError(f"not a safe stream id: {_short(bad[0])}")
+            if len(set(v)) != len(v):
+                raise ValueError("stream ids must be distinct")
+        return v
 
     @field_validator("name")
     @classmethod
@@ -446,9 +478,25 @@ class CampaignSpec(_Strict):
         return sanitize_id(self.name)
 
     def frozen_yaml(self) -> str:
-        """Canonical YAML of the campaign's identity (the store URI is where it lives, not what it is)."""
+        """Canonical YAML of the campaign's identity (the store URI is where it lives, not what it is), with
+        its stream ids spelled out."""
         data = self.model_dump(mode="json", exclude={"store"})
+        if data.get("stream_ids") is None:
+            with contextlib.suppress(SpecError):  # duplicate ids: deep_check reports them
+                data["stream_ids"] = [s.sid for s in streams(self)]
         return yaml.safe_dump(data, sort_keys=True, default_flow_style=False)
+
+    def edits_phrase(self, steps: list[int]) -> str:
+        """``after 8 and 16 edits`` for committed steps ``steps`` (the numbering a user wrote in ``at:``)."""
+        counts = [self.edits_after(t) for t in steps]
+        if not counts:
+            return "never"
+        if len(counts) > 6:
+            return f"after every {counts[0]} edits up to {counts[-1]} ({len(counts)} times)" \
+                if counts == [counts[0] * (i + 1) for i in range(len(counts) - 1)] + [counts[-1]] \
+                else f"after {', '.join(map(str, counts[:3]))}, …, {counts[-1]} edits ({len(counts)} times)"
+        head = ", ".join(map(str, counts[:-1]))
+        return f"after {head + ' and ' if head else ''}{counts[-1]} edits"
 
 
 @dataclass(frozen=True)
@@ -466,8 +514,75 @@ class Stream:
     seed: int
 
 
+ID_MAX = 64  # store key segments (rayedit.store.keys.sanitize_id)
+
+
+def model_short_names(names: list[str]) -> list[str]:
+    """A short, readable name per model for stream ids, unique within the list: ``tiny:llama`` and
+    ``toyworld:0`` as they are; hub names and local paths by their last path component (``Llama-3-8B`` of
+    ``meta-llama/Llama-3-8B`` or ``/models/llama-3-8b/``, the stem of a ``.gguf`` file), with as many parent
+    components as it takes to tell two models apart."""
+    def parts(name: str) -> list[str]:
+        if ":" in name and not name.startswith(("hf://", "/", ".", "~")) and "/" not in name.split(":", 1)[0]:
+            return [name]  # tiny:<family>, toyworld:<seed>, packaged short names
+        body = name.removeprefix("hf://").rstrip("/\\")
+        comps = [c for c in body.replace("\\", "/").split("/") if c not in ("", ".", "..", "~")] or [name]
+        if comps[-1].lower().endswith(".gguf"):
+            comps[-1] = comps[-1][: -len(".gguf")] or comps[-1]
+        return comps
+
+    split = [parts(n) for n in names]
+    depth = [1] * len(names)
+    while True:
+        short = ["/".join(p[-d:]) for p, d in zip(split, depth, strict=True)]
+        clash = {s for s in short if short.count(s) > 1}
+        grow = [i for i, s in enumerate(short) if s in clash and depth[i] < len(split[i])]
+        if not grow:
+            return short
+        for i in grow:
+            depth[i] += 1
+
+
+def _middle(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters in its middle, marked by ``_`` (its start and end tell names apart)."""
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) // 2
+    return f"{text[:head]}_{text[len(text) - (limit - 1 - head):]}"
+
+
+def stream_id(model_short: str, label: str, dataset: str, seed: int) -> str:
+    """A stream's store id: ``<model>--<method label>--<dataset>--s<seed>``, sanitised. When that is too long for
+    one key segment, the longest parts are cut in their middle (instead of losing the end, where the seed and
+    dataset are), and the digest of the full name keeps ids distinct."""
+    import hashlib
+    import re
+
+    full = f"{model_short}--{label}--{dataset}--s{seed}"
+    room = ID_MAX - 9  # sanitize_id keeps this much of a name it rewrites, then "-<8 hex digits>"
+    parts = [re.sub(r"[^a-z0-9._-]+", "-", p.lower()) for p in (model_short, label, dataset)]
+    tail = f"--s{seed}"
+    if len("--".join(parts) + tail) <= room:
+        return sanitize_id(full, max_len=ID_MAX)
+    while (excess := len("--".join(parts) + tail) - room) > 0:  # shorten the longest part, down to the next
+        order = sorted(range(3), key=lambda k: -len(parts[k]))
+        i, runner_up = order[0], len(parts[order[1]])
+        if len(parts[i]) <= 8:
+            break
+        parts[i] = _middle(parts[i], max(8, len(parts[i]) - excess, min(runner_up, len(parts[i]) - 1)))
+    short = ("--".join(parts) + tail).strip("-._")[:room]
+    return f"{short}-{hashlib.sha256(full.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+
+
+def legacy_stream_ids(spec: CampaignSpec) -> list[str]:
+    """The ids rayedit gave streams before they were recorded in the frozen spec (full model name, cut at 64
+    characters): a campaign frozen by that code keeps them."""
+    return [sanitize_id(f"{s.model}--{s.method_label}--{s.dataset}--s{s.seed}") for s in streams(spec)]
+
+
 def streams(spec: CampaignSpec) -> list[Stream]:
     out: list[Stream] = []
+    shorts = model_short_names([m.name for m in spec.models])
     for mi, m in enumerate(spec.models):
         for meth in spec.methods:
             for label, hp in meth.variants():
@@ -479,8 +594,14 @@ def streams(spec: CampaignSpec) -> list[Stream]:
                           for k, v in hp.items()}
                 for di, d in enumerate(spec.datasets):
                     for seed in spec.seeds:
-                        sid = sanitize_id(f"{m.name}--{label}--{d.label}--s{seed}")
+                        sid = stream_id(shorts[mi], label, d.label, seed)
                         out.append(Stream(sid, mi, m.name, meth.name, label, hp, d.label, di, seed))
+    if spec.stream_ids is not None:  # recorded when the campaign was frozen: the store's folders
+        if len(spec.stream_ids) != len(out):
+            raise SpecError([f"stream_ids: {len(spec.stream_ids)} ids recorded for {len(out)} streams"])
+        from dataclasses import replace
+
+        out = [replace(s, sid=sid) for s, sid in zip(out, spec.stream_ids, strict=True)]
     sids = [s.sid for s in out]
     if len(set(sids)) != len(sids):
         raise SpecError(["streams: two streams map to the same id (duplicate model/method/dataset names?)"])
@@ -562,7 +683,13 @@ def _inline_presets(data: Any, base_dir: Path) -> None:
 
 
 def spec_from_yaml(text: str, origin: str = "frozen spec") -> CampaignSpec:
-    return parse_spec(_load_yaml(text, origin), origin)
+    """A frozen spec from the store. One frozen before stream ids were recorded keeps the ids of its time."""
+    data = _load_yaml(text, origin)
+    spec = parse_spec(data, origin)
+    if isinstance(data, dict) and "stream_ids" not in data:
+        with contextlib.suppress(SpecError):  # duplicate ids: reported where streams are used
+            spec = spec.model_copy(update={"stream_ids": legacy_stream_ids(spec)})
+    return spec
 
 
 def spec_diff(frozen: str, new: str) -> str:
@@ -578,6 +705,127 @@ def resolve_data_path(path: str, base_dir: Path | None = None) -> Path:
         return p
     alt = base_dir / p
     return alt if alt.exists() else p
+
+
+_NOT_FILES = ("builtin:", "toyworld:", "hf:", "hf://")
+_CORPUS_NAMES = ("enwiki-sample", "wikitext", "auto")
+# method hyperparameters whose value can name a local file (prompt files, a handed-in covariance, context
+# templates, a statistics corpus)
+HPARAM_FILE_KEYS = ("safety_malicious", "safety_benign", "covariance_file", "context_templates", "mom2_dataset")
+
+
+def file_fields(data: dict[str, Any]) -> list[tuple[str, list[Any], bool]]:
+    """The local-file-valued fields of a spec (as plain data): (key path, location in ``data``, hashed).
+
+    Hashed fields are the inputs a campaign's results depend on (data, statistics corpus, prompt and audit
+    files); a model folder or a preset file (its hyperparameters are copied into the spec) is only made
+    absolute."""
+    out: list[tuple[str, list[Any], bool]] = []
+
+    def add(key: str, loc: list[Any], value: Any, hashed: bool = True) -> None:
+        if isinstance(value, str) and value and not value.startswith(_NOT_FILES) and not _is_hub(value):
+            out.append((key, loc, hashed))
+
+    for mi, m in enumerate(data.get("models") or []):
+        name = m.get("name") if isinstance(m, dict) else None
+        if isinstance(name, str) and ":" not in name.split("/", 1)[0] and Path(name).expanduser().exists():
+            add(f"models.{mi}.name", ["models", mi, "name"], name, hashed=False)
+    for di, d in enumerate(data.get("datasets") or []):
+        if isinstance(d, dict) and d.get("kind", "requests") not in TOYWORLD_FILES:
+            add(f"datasets.{di}.path", ["datasets", di, "path"], d.get("path"))
+    corpus = data.get("stats_corpus")
+    if corpus not in _CORPUS_NAMES:
+        add("stats_corpus", ["stats_corpus"], corpus)
+    for ji, meth in enumerate(data.get("methods") or []):
+        if not isinstance(meth, dict):
+            continue
+        add(f"methods.{ji}.preset", ["methods", ji, "preset"], meth.get("preset"), hashed=False)
+        hp = meth.get("hparams") if isinstance(meth.get("hparams"), dict) else {}
+        for k in HPARAM_FILE_KEYS:
+            if k != "mom2_dataset" or hp.get(k) not in _CORPUS_NAMES:
+                add(f"methods.{ji}.hparams.{k}", ["methods", ji, "hparams", k], hp.get(k))
+    audit = data.get("audit") or {}
+    for si, a in enumerate(audit.get("suites") or [] if isinstance(audit, dict) else []):
+        if not isinstance(a, dict):
+            continue
+        add(f"audit.suites.{si}.source", ["audit", "suites", si, "source"], a.get("source"))
+        for fi, f in enumerate(a.get("files") or []):
+            if isinstance(f, dict):
+                add(f"audit.suites.{si}.files.{fi}.path", ["audit", "suites", si, "files", fi, "path"], f.get("path"))
+    return out
+
+
+def _get(data: Any, loc: list[Any]) -> Any:
+    for k in loc:
+        data = data[k]
+    return data
+
+
+def _set(data: Any, loc: list[Any], value: Any) -> None:
+    for k in loc[:-1]:
+        data = data[k]
+    data[loc[-1]] = value
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) → sha256: a file is read once per process
+
+
+def file_identity(path: Path, given: str) -> FileIdentity:
+    import hashlib
+
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        _HASHES[key] = h.hexdigest()
+    return FileIdentity(path=str(path), given=given, size=st.st_size, sha256=_HASHES[key])
+
+
+def pin_files(spec: CampaignSpec, base_dir: Path | None = None) -> CampaignSpec:
+    """The spec with every local input file made absolute and its identity (size, sha256) recorded under
+    ``files``, so the frozen spec runs from any working directory and notices a file that moved or changed.
+
+    Relative paths are found as ``resolve_data_path`` finds them (working directory, then ``base_dir``). A spec
+    that already records a file's identity (a frozen spec) must find the same content: at the recorded path, or
+    at the path as first written; otherwise one problem per file, naming its key path and hashes."""
+    data = spec.model_dump(mode="json")
+    recorded = dict(spec.files or {})
+    files: dict[str, FileIdentity] = {}
+    problems: list[str] = []
+    for key, loc, hashed in file_fields(data):
+        value = _get(data, loc)
+        old = recorded.get(key)
+        found = resolve_data_path(value, base_dir).expanduser()
+        if old is not None and not found.exists():  # frozen elsewhere: the path as first written, from here
+            alt = resolve_data_path(old.given, base_dir).expanduser()
+            found = alt if alt.is_file() else found
+        if not found.exists():
+            if old is not None:
+                problems.append(f"{key}: file {old.path} not found (the campaign was frozen with {old.describe()}); "
+                                "put it back, or run the spec where the file is now (`rayedit run SPEC`)")
+            continue  # deep_check reports a missing file of a new spec
+        absolute = found.resolve()
+        _set(data, loc, str(absolute))
+        if not hashed or not absolute.is_file():
+            continue
+        now = file_identity(absolute, old.given if old is not None else value)
+        if old is not None and (now.sha256, now.size) != (old.sha256, old.size):
+            problems.append(f"{key}: {absolute} changed since the campaign was frozen: {now.describe()} now, "
+                            f"{old.describe()} then; restore it, or start a new campaign (another name)")
+            continue
+        files[key] = now
+    if problems:
+        raise SpecError(problems)
+    data["files"] = {k: v.model_dump() for k, v in files.items()}
+    if data.get("stream_ids") is None:
+        # from the names as written (a model folder's short name does not depend on the working directory);
+        # two streams with one id: deep_check says so
+        with contextlib.suppress(SpecError):
+            data["stream_ids"] = [s.sid for s in streams(spec)]
+    return CampaignSpec.model_validate(data)
 
 
 def read_requests(path: Path, limit: int | None = None) -> list[EditRequest]:

@@ -413,7 +413,7 @@ def _resume_and_compare(ctx: Ctx, t: Trial, uri: str, env: dict[str, str] | None
         return t.fail(f"resume exited {code}: {text[-1500:]}")
     if not t.message:  # what the resume says it picked up (or wrote)
         t.message = _grep(text, "report written to") if expect_report else \
-            (_grep(text, "(resumed)") or _grep(text, ": step ", "already complete"))
+            (_grep(text, "(resumed)") or _grep(text, ": edits ", "already complete"))
     cmp = compare(uri, ctx.ref)  # S3: this process has the server's credentials (start_harness), no proxy
     t.rows_lost, t.rows_dup = cmp.rows_lost, cmp.rows_dup
     t.problems += cmp.problems
