@@ -314,3 +314,27 @@ def test_attn_implementation_reaches_the_model(tmp_path):
     folder = save_tiny_model("llama", tmp_path / "m")
     lm = load_model(str(folder), attn_implementation="eager")
     assert lm.model.config._attn_implementation == "eager"
+
+
+def test_attn_implementation_and_reference_hparams_in_a_spec(tmp_path):
+    """A spec's model option and a reference file's keys inline in a method's hparams, checked at validation."""
+    from rayedit.runtime.spec import SpecError, deep_check, parse_spec
+
+    data = tmp_path / "r.jsonl"
+    data.write_text(json.dumps({"case_id": "c0", "prompt": "The best thing about {}", "subject": "Alice Smith",
+                                "target_new": " tea"}) + "\n")
+    d = {"name": "compat", "mode": "sequential_batches", "seeds": [0], "edits_per_stream": 1, "batch_size": 1,
+         "models": [{"name": "tiny:gpt2", "attn_implementation": "eager"}],
+         "methods": [{"name": "memit", "hparams": {**MEMIT_FILE, "compat": "reference"}}],
+         "datasets": [{"kind": "requests", "path": str(data)}]}
+    spec = parse_spec(d, "spec.yaml")
+    assert spec.models[0].attn_implementation == "eager"
+    assert deep_check(spec, tmp_path) == []
+    bad = {**d, "models": [{"name": "tiny:gpt2", "attn_implementation": "fast"}]}
+    with pytest.raises(SpecError, match="models.0.attn_implementation"):
+        parse_spec(bad, "spec.yaml")
+    wrong = {**d, "methods": [{"name": "memit", "hparams": {**MEMIT_FILE, "v_loss_layer": 47}}]}
+    assert any("v_loss_layer=47" in p for p in deep_check(parse_spec(wrong, "spec.yaml"), tmp_path))
+    other = {**d, "models": [{"name": "tiny:llama"}]}  # GPT-2 module names on a Llama model: before it loads
+    assert any("rewrite_module_tmp" in p and "llama adapter" in p
+               for p in deep_check(parse_spec(other, "spec.yaml"), tmp_path))

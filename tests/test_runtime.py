@@ -146,10 +146,12 @@ def test_method_preset_file_is_inlined_into_the_spec(tmp_path: Path) -> None:
     spec_path = _write_spec(tmp_path, d)
     spec = load_spec(spec_path)
     [stream] = streams(spec)
-    assert stream.hparams["layers"] == [1] and stream.hparams["clamp_norm_factor"] == 2.0
-    assert stream.hparams["v_lr"] == 0.1  # the spec's own value wins
+    # the preset's values are a layer below the spec's own (kept apart, so the sources stay known)
+    assert stream.hparams["preset_values"]["layers"] == [1] and stream.hparams["v_lr"] == 0.1
     hp = resolve_hparams("memit", "tiny:llama", 2, stream.hparams)
-    assert hp.provenance == "preset-file:sweep-1" and hp.layers == [1]
+    assert hp.provenance == "preset-file:sweep-1" and hp.layers == [1] and hp.clamp_norm_factor == 2.0
+    assert hp.v_lr == 0.1 and hp.value_sources["v_lr"] == "user"  # the spec's own value wins
+    assert hp.value_sources["clamp_norm_factor"] == "preset-file:sweep-1"
     (tmp_path / "p.yaml").unlink()  # a frozen spec (re-parsed from its YAML) does not need the file any more
     assert streams(parse_spec(spec.model_dump(mode="json")))[0].hparams == stream.hparams
 

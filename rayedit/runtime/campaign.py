@@ -80,11 +80,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
 class ModelReplica:
     """Body of the ``ModelReplica`` actor: one model copy, loaded once, reused by many streams."""
 
-    def __init__(self, model: str, dtype: str, store_args: dict[str, Any]) -> None:
+    def __init__(self, model: str, dtype: str, store_args: dict[str, Any], attn_implementation: str | None = None
+                 ) -> None:
         from rayedit.store.uri import reopen_store
 
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        self.runner = StreamRunner(load_lm(model, dtype), reopen_store(store_args))
+        self.runner = StreamRunner(load_lm(model, dtype, attn_implementation), reopen_store(store_args))
         self.runner.where = node_placement()
 
     def node(self) -> dict[str, str]:
@@ -595,7 +596,8 @@ def _execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None, address
             # with an evaluation schedule every replica is useful (spares evaluate); else one per stream
             n = m.replicas if spec.evaluation is not None or stats_only else min(m.replicas, len(sched.streams[mi]))
             for _ in range(max(1, n)):
-                a = Replica.options(**replica_options(m, actor_env)).remote(m.name, m.dtype, store_args)
+                a = Replica.options(**replica_options(m, actor_env)).remote(m.name, m.dtype, store_args,
+                                                                             m.attn_implementation)
                 actors.append((mi, a))
                 sched.owner[a] = None
         # statistics first: computed once per (model, layer, corpus), sharded over the model's replicas

@@ -24,7 +24,8 @@ def campaign_known_key(cid: str, model_index: int, dataset_index: int) -> str:
     return f"{campaign_prefix(cid)}/known/model{model_index}-dataset{dataset_index}.json"
 
 
-def _known_task(model: str, dtype: str, store_args: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+def _known_task(model: str, dtype: str, store_args: dict[str, Any], records: list[dict[str, Any]],
+                attn_implementation: str | None = None) -> dict[str, Any]:
     """On a worker: load the model, score (or reuse the store's cached scores), return the kept ids."""
     import os
 
@@ -36,7 +37,7 @@ def _known_task(model: str, dtype: str, store_args: dict[str, Any], records: lis
 
     store = reopen_store(store_args)
     reqs = [EditRequest(**r) for r in records]
-    lm = load_lm(model, dtype)
+    lm = load_lm(model, dtype, attn_implementation)
     key = f"cache/known/{lm.fingerprint}/{records_digest(reqs)}.json"
     if store.exists(key):
         return json.loads(store.get_bytes(key)) | {"cached": True}
@@ -74,7 +75,8 @@ def run_stage(spec: CampaignSpec, store: Store, base_dir: Path | None, ensure_ra
         for mi, _di, recs in todo:
             m = spec.models[mi]
             refs.append(task.options(num_cpus=m.cpus_per_replica, num_gpus=m.gpus_per_replica, max_retries=2)
-                        .remote(m.name, m.dtype, store.open_args(), [request_of(r).model_dump() for r in recs]))
+                        .remote(m.name, m.dtype, store.open_args(), [request_of(r).model_dump() for r in recs],
+                                m.attn_implementation))
         for (mi, di, _recs), res in zip(todo, ray.get(refs), strict=True):
             label = f"datasets.{di} ({spec.datasets[di].label}) on models.{mi} ({spec.models[mi].name})"
             if not res["kept"]:

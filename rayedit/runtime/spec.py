@@ -85,6 +85,8 @@ def toyworld_seed(name: str) -> int | None:
 class ModelSpec(_Strict):
     name: str = Field(min_length=1, description='hub name, local folder, "tiny:<family>" or "toyworld:<seed>"')
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # handed to transformers (None: its default); part of how the model computes, so recorded in the spec
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flex_attention"] | None = None
     replicas: int = Field(1, ge=1)
     gpus_per_replica: float = Field(0.0, ge=0)
     cpus_per_replica: float = Field(0.5, gt=0)  # small by default: tests and laptops have 2 CPUs
@@ -936,8 +938,8 @@ def _uses_statistics(method: str) -> bool:
 
 
 # --- deep validation --------------------------------------------------------------------------------
-def _model_layers(name: str) -> tuple[int, int | None] | None:
-    """(n_layers, d_ff) without loading weights, or None if the config cannot be read offline."""
+def _model_layers(name: str) -> tuple[int, int | None, str | None] | None:
+    """(n_layers, d_ff, model type) without loading weights, or None if the config cannot be read offline."""
     if name.startswith("tiny:"):
         from rayedit.models.tiny import tiny_config, tiny_tokenizer
 
@@ -947,15 +949,15 @@ def _model_layers(name: str) -> tuple[int, int | None] | None:
         from rayedit.data.toyworld import ToyWorldConfig
 
         tw = ToyWorldConfig()  # the world's config without building it (validation must stay cheap)
-        return tw.n_layers, tw.d_ff
+        return tw.n_layers, tw.d_ff, "llama"
     else:
         from rayedit.models.gguf import is_gguf_source
 
         if is_gguf_source(name):  # read from the GGUF header; a bad file is a problem, not a skipped check
             from rayedit.models import model_dims
 
-            _t, n_layers, d_ff = model_dims(name)
-            return n_layers, d_ff
+            model_type, n_layers, d_ff = model_dims(name)
+            return n_layers, d_ff, model_type
         try:
             from transformers import AutoConfig
 
@@ -964,7 +966,7 @@ def _model_layers(name: str) -> tuple[int, int | None] | None:
             return None
     n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
     d_ff = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None)
-    return (int(n), d_ff) if n else None
+    return (int(n), d_ff, getattr(cfg, "model_type", None)) if n else None
 
 
 def model_id(name: str) -> str:
@@ -1018,7 +1020,8 @@ def deep_check(spec: CampaignSpec, base_dir: Path | None = None, notes: list[str
                 if spec.stats_samples is not None and _uses_statistics(meth.name):
                     hp = {"mom2_n_samples": spec.stats_samples} | hp
                 try:
-                    resolved = resolve_hparams(meth.name, model_id(m.name), shape[0], hp, d_ff=shape[1])
+                    resolved = resolve_hparams(meth.name, model_id(m.name), shape[0], hp, d_ff=shape[1],
+                                               model_type=shape[2])
                 except ValueError as exc:
                     where = f"methods.{ji}.{'grid' if meth.grid else 'hparams'}"
                     # the label spells out the grid values: a huge one must not fill the terminal

@@ -43,7 +43,7 @@ def placement() -> dict[str, Any]:
     return {"device": "cuda"} if n == 1 else {}
 
 
-def load_lm(name: str, dtype: str = "float32"):
+def load_lm(name: str, dtype: str = "float32", attn_implementation: str | None = None):
     """``tiny:<family>`` builds a random tiny model offline; anything else goes to ``load_model``."""
     from rayedit.models import build_tiny_model, load_model
     from rayedit.runtime.spec import model_path
@@ -54,7 +54,7 @@ def load_lm(name: str, dtype: str = "float32"):
         if where.get("device"):
             lm.model.to(where["device"])
         return lm
-    return load_model(model_path(name), dtype=dtype, **where)
+    return load_model(model_path(name), dtype=dtype, attn_implementation=attn_implementation, **where)
 
 
 @dataclass
