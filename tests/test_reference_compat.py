@@ -338,3 +338,30 @@ def test_attn_implementation_and_reference_hparams_in_a_spec(tmp_path):
     other = {**d, "models": [{"name": "tiny:llama"}]}  # GPT-2 module names on a Llama model: before it loads
     assert any("rewrite_module_tmp" in p and "llama adapter" in p
                for p in deep_check(parse_spec(other, "spec.yaml"), tmp_path))
+
+
+def test_spec_method_hparams_file_is_inlined(tmp_path):
+    """``methods[i].hparams_file``: an official file's values become the method's hparams (its own keys win), the
+    file's sha256 is recorded, and the frozen spec does not need the file again."""
+    import yaml
+
+    from rayedit.runtime.spec import SpecError, deep_check, load_spec, parse_spec, streams
+
+    data = tmp_path / "r.jsonl"
+    data.write_text(json.dumps({"case_id": "c0", "prompt": "The best thing about {}", "subject": "Alice Smith",
+                                "target_new": " tea"}) + "\n")
+    _write_json(tmp_path / "gpt2-xl.json", ALPHAEDIT_FILE)
+    d = {"name": "compat", "mode": "sequential_batches", "seeds": [0], "edits_per_stream": 1, "batch_size": 1,
+         "models": [{"name": "tiny:gpt2"}], "datasets": [{"kind": "requests", "path": "r.jsonl"}],
+         "methods": [{"name": "alphaedit", "hparams_file": "gpt2-xl.json", "hparams": {"v_num_grad_steps": 3}}]}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(d))
+    spec = load_spec(tmp_path / "spec.yaml")
+    assert deep_check(spec, tmp_path) == []
+    [stream] = streams(spec)
+    assert stream.hparams["v_num_grad_steps"] == 3 and stream.hparams["L2"] == 10  # own keys win over the file
+    assert stream.hparams["reference_settings"]["file"] == "gpt2-xl.json"
+    assert len(spec.methods[0].hparams_file_sha256) == 64
+    (tmp_path / "gpt2-xl.json").unlink()
+    assert streams(parse_spec(spec.model_dump(mode="json"), "frozen"))[0].hparams == stream.hparams
+    with pytest.raises(SpecError, match="methods.0.hparams_file"):
+        load_spec(tmp_path / "spec.yaml")

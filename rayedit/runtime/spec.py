@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
 import itertools
 import json
 import random
@@ -126,6 +127,10 @@ class MethodSpec(_Strict):
     # copied into ``hparams`` (which override them), so the frozen spec holds the numbers and a resume never
     # depends on the file again
     preset: str | None = None
+    # a hyperparameter file (ours, or an official ROME/MEMIT/AlphaEdit/EasyEdit file), inlined the same way under
+    # ``hparams`` (whose own keys win); its sha256 is recorded, and marks the values as inlined
+    hparams_file: str | None = None
+    hparams_file_sha256: str | None = None
     hparams: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)  # each combination becomes its own stream
 
@@ -662,6 +667,18 @@ def _inline_presets(data: Any, base_dir: Path) -> None:
 
     problems = []
     for i, m in enumerate(methods):
+        if isinstance(m, dict) and isinstance(m.get("hparams_file"), str) and not m.get("hparams_file_sha256"):
+            from rayedit.editing.hparams import load_overrides
+
+            path = resolve_data_path(m["hparams_file"], base_dir)
+            try:
+                values = load_overrides(path)
+            except ValueError as exc:
+                problems.append(_clip(f"methods.{i}.hparams_file: {exc}"))
+                continue
+            own = m.get("hparams") if isinstance(m.get("hparams"), dict) else {}
+            m["hparams"] = {**values, **own}
+            m["hparams_file_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
         if not isinstance(m, dict) or not isinstance(m.get("preset"), str):
             continue
         if isinstance(m.get("hparams"), dict) and ("preset_values" in m["hparams"] or "provenance" in m["hparams"]):
