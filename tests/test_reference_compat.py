@@ -133,13 +133,14 @@ def test_explicit_values_win_and_conflicts_are_errors():
     assert (hp.L2, hp.L2_relative, hp.value_sources["layers"]) == (3.0, None, "preset-file:sweep")
 
 
-def test_explicit_l2_is_the_alpha_of_the_solve():
+def test_explicit_l2_is_the_alpha_of_the_solve(tmp_path):
     torch.manual_seed(0)
     lm = build_tiny_model("llama")
     req = EditRequest(case_id="0", prompt="The favourite food of {}", subject="Alice Smith", target_new=" tea")
-    res = Editor(lm, "alphaedit", {"L2": 1.0, "layers": [1, 2], "v_num_grad_steps": 3,
-                                   "context_templates": [["{}"], ["Hello. {}"]]},
-                 stats_corpus="builtin:general").apply([req])
+    path, _ = _stats_file(tmp_path, [1, 2], null_dims=64)
+    res = Editor(lm, "alphaedit", {"L2": 1.0, "layers": [1, 2], "v_num_grad_steps": 3, "covariance_file": str(path),
+                                   "context_templates": [["{}"], ["Hello. {}"]]}).apply([req])
+    # the rule's α = L2_relative·tr(Σ) would be 0.01·tr(Σ) ≈ 5.3 here
     assert [r["L2"] for r in res.layer_rows if "L2" in r] == [1.0, 1.0]
 
 
