@@ -47,10 +47,13 @@ def batch(offset: int) -> list[EditRequest]:
 
 
 def fwd_bwd_time(lm, reqs, contexts, layer: int, repeats: int = 5) -> float:
-    """One forward+backward of the target-optimisation batch, with the same δ hook."""
-    seqs, req_of_seq, fact_pos, *_ = _build_sequences(lm, reqs, contexts, "subject_last")
+    """One forward+backward of the target-optimisation batch, with the same δ hook, and the LM head at the
+    positions the loss reads (target tokens, each KL prompt's fact token), as the target loop computes it."""
+    seqs, req_of_seq, fact_pos, tgt, kl_seq, _first = _build_sequences(lm, reqs, contexts, "subject_last")
     b = pad_right(seqs, pad_id(lm.tokenizer))
     rows, pos, req = torch.arange(len(seqs)), torch.tensor(fact_pos), torch.tensor(req_of_seq)
+    read_rows = torch.tensor([s for s, p, _ in tgt for _ in p] + kl_seq)
+    read_pos = torch.tensor([q for _, p, _ in tgt for q in p] + [fact_pos[s] for s in kl_seq])
     delta = torch.zeros(len(reqs), lm.adapter.d_model, requires_grad=True)
     for p in lm.model.parameters():
         p.requires_grad_(False)
@@ -58,7 +61,7 @@ def fwd_bwd_time(lm, reqs, contexts, layer: int, repeats: int = 5) -> float:
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
         with hooks([add_at_positions(lm.adapter.block(layer), rows, pos, lambda: delta[req])]):
-            logits = lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
+            logits = lm.adapter.logits_at(b.input_ids, b.attention_mask, read_rows, read_pos)
         torch.log_softmax(logits.float(), -1).mean().backward()
         times.append(time.perf_counter() - t0)
         delta.grad = None
