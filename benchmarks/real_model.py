@@ -67,18 +67,30 @@ def build_spec(args: argparse.Namespace) -> dict:
     return spec
 
 
-def edit_diagnostics(edits: pd.DataFrame) -> pd.DataFrame:
-    """Per stream, the last batch's max over edited layers of weight growth and κ₂."""
-    last = edits.sort_values(["stream", "batch"]).groupby("stream").tail(1)
+def edit_diagnostics(store, cid: str, sids: list[str]) -> pd.DataFrame:
+    """Per stream, the last batch's max over edited layers of weight growth and κ₂ (per-layer list columns of
+    the last committed step's edits.parquet: the report loader keeps scalar columns only)."""
+    import io
 
-    def col_max(col: str) -> pd.Series:
-        if col not in last:
-            return pd.Series(float("nan"), index=last.index)
-        return last[col].map(lambda v: max((x for x in v if x is not None), default=float("nan"))
-                             if v is not None else float("nan"))
+    import pyarrow.parquet as pq
 
-    return pd.DataFrame({"method": last["method_label"].to_numpy(), "W_growth": col_max("weight_growth_by_layer")
-                         .to_numpy(), "kappa2": col_max("weight_cond_by_layer").to_numpy()})
+    from rayedit.store.layout import edits_key, last_committed_step
+
+    rows = []
+    for sid in sids:
+        step = last_committed_step(store, cid, sid)
+        if step is None:
+            continue
+        df = pq.read_table(io.BytesIO(store.get_bytes(edits_key(cid, sid, step)))).to_pandas()
+        last = df[df["batch"] == df["batch"].max()].iloc[0]
+
+        def col_max(col: str, last=last) -> float:
+            v = last.get(col)
+            return float("nan") if v is None else max((float(x) for x in v if x is not None), default=float("nan"))
+
+        rows.append({"method": last["method_label"], "W_growth": col_max("weight_growth_by_layer"),
+                     "kappa2": col_max("weight_cond_by_layer")})
+    return pd.DataFrame(rows, columns=["method", "W_growth", "kappa2"])
 
 
 def main() -> None:
@@ -124,7 +136,7 @@ def main() -> None:
     if not gen.empty and "fluency" in gen:
         glast = gen[gen["n_edited"] == gen.groupby("stream")["n_edited"].transform("max")]
         table["fluency"] = glast.groupby("method_label")["fluency"].mean()
-    diag = edit_diagnostics(camp.edits).set_index("method")
+    diag = edit_diagnostics(store, args.name, sorted(camp.edits["stream"].unique())).set_index("method")
     table = table.join(diag)
 
     # the unedited model on the same facts (every stream edits the same known facts in the same order)
