@@ -35,8 +35,9 @@ def is_reference(data: dict[str, Any]) -> bool:
 def mark_reference_file(data: dict[str, Any], path: Path, raw: bytes) -> dict[str, Any]:
     """Tag the values of an official file with its name and hash (``absorb_reference_keys`` sets aside)."""
     out = dict(data)
+    # the values (to label their source at resolution), without the module names, which are set aside there
     out["reference_settings"] = {"file": path.name, "sha256": hashlib.sha256(raw).hexdigest(),
-                                 "values": {k: v for k, v in data.items()}}
+                                 "values": {k: v for k, v in data.items() if k not in MODULE_KEYS}}
     return out
 
 
@@ -51,6 +52,7 @@ def absorb_reference_keys(method: str, user: dict[str, Any], fields: dict[str, A
     any_method = set().union(*(cls.model_fields for cls in HPARAMS.values()))
     ref = dict(ref or {})
     set_aside = dict(ref.get("set_aside", {}))
+    # a reference file's ``mom2_dataset`` names their Wikipedia dump: set aside (rayedit's corpus is stats_corpus)
     for k in list(user):
         if k == "reference_settings" or (k in fields and k != "mom2_dataset"):
             continue
@@ -59,7 +61,6 @@ def absorb_reference_keys(method: str, user: dict[str, Any], fields: dict[str, A
         elif k in any_method:
             set_aside[k] = user.pop(k)
             set_aside.setdefault("unused_by_" + method, []).append(k)
-    # ``mom2_dataset`` of a reference file names their Wikipedia dump; rayedit's corpus is ``stats_corpus``
     ref["set_aside"] = set_aside
     ref.setdefault("values", {})
     user["reference_settings"] = ref
