@@ -48,3 +48,21 @@ def test_stats_stage_shards_reduce_and_are_reused(tmp_path: Path) -> None:
     assert {k: st.get_bytes(k) for k in st.list("cache/stats")} == cached
     res = CliRunner().invoke(app, ["stats", str(spec), "--store", store_uri])  # nothing left to compute
     assert res.exit_code == 0 and "statistics: every covariance" in res.output
+
+
+def test_campaign_mixing_a_method_without_statistics(tmp_path: Path) -> None:
+    """MOSE-OFT has no second moments (no mom2_* settings at all): the statistics stage plans only MEMIT's, and
+    both streams edit (it used to fail asking MOSE-OFT's hyperparameters for mom2_n_samples)."""
+    data = _write_requests(tmp_path / "r.jsonl")
+    d = _spec_dict(data, name="mixed", models=[{"name": "tiny:llama", "replicas": 1}])
+    d["methods"] = [d["methods"][0], {"name": "mose_oft", "hparams": {"num_steps": 4}}]
+    spec = _write_spec(tmp_path, d)
+    store_uri = str(tmp_path / "store")
+    run_campaign(spec, store_uri, progress=False, summary=False)
+    st = open_store(store_uri)
+    lm = build_tiny_model("llama")
+    memit_layers = Editor(lm, "memit", d["methods"][0]["hparams"]).hp.layers
+    assert len(st.list("cache/stats")) == len(memit_layers)
+    committed = [k for k in st.list("campaigns/mixed/streams") if k.endswith("/COMMITTED")]
+    by_method = {m: sum(f"--{m}--" in k for k in committed) for m in ("memit", "mose_oft")}
+    assert by_method == {"memit": 2, "mose_oft": 2}, committed

@@ -41,21 +41,27 @@ class StatsGroup:
         return [(i, a, min(a + per_shard, self.n_docs)) for i, a in enumerate(range(0, self.n_docs, per_shard))]
 
 
-def _covariance_stats(runner: Any, method: str, hparams: dict[str, Any], stats_corpus: str):
-    """The CovarianceStats a stream of (method, hparams) would use on this replica's (unedited) model."""
+def _editor(runner: Any, method: str, hparams: dict[str, Any], stats_corpus: str):
     from rayedit.editing import Editor
 
     runner._restore_base()  # statistics belong to the base weights
-    editor = Editor(runner.lm, method, hparams, stats_cache=runner.cache, stats_corpus=stats_corpus)
+    return Editor(runner.lm, method, hparams, stats_cache=runner.cache, stats_corpus=stats_corpus)
+
+
+def _covariance_stats(runner: Any, method: str, hparams: dict[str, Any], stats_corpus: str):
+    """The CovarianceStats a stream of (method, hparams) would use on this replica's (unedited) model."""
+    editor = _editor(runner, method, hparams, stats_corpus)
     return editor, editor.stats
 
 
 def plan_on_replica(runner: Any, mi: int, method: str, hparams: dict[str, Any],
                     stats_corpus: str) -> StatsGroup | None:
     """Missing statistics of one method variant on this replica's model (None: nothing to compute)."""
-    editor, stats = _covariance_stats(runner, method, hparams, stats_corpus)
-    if not editor.solver.needs_stats or getattr(editor.hp, "covariance_file", None):  # none, or handed in
+    editor = _editor(runner, method, hparams, stats_corpus)
+    # a method without second moments (MOSE-OFT, or a handed-in covariance) has no statistics settings at all
+    if not editor.solver.needs_stats or getattr(editor.hp, "covariance_file", None):
         return None
+    stats = editor.stats
     missing = stats.missing_layers(list(editor.hp.layers))
     if not missing:
         return None
