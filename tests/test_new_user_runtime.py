@@ -256,3 +256,23 @@ def test_interrupted_lines_and_exit_codes() -> None:
                                "is kept", "  a: 2/6 edits committed (step 1/3)", "  b: not started (0/6 edits)",
                                "continue with: rayedit resume c --store /s"]
 
+
+
+def test_sigterm_named_when_ray_reraises_a_plain_keyboardinterrupt() -> None:
+    """Ray's blocking calls check signals in C++ and raise a fresh KeyboardInterrupt when the handler fails, so
+    the driver may see a plain KeyboardInterrupt after SIGTERM: it must still say SIGTERM and exit 143."""
+    from rayedit.runtime.campaign import Interrupted, _interruption, _signal_name, interrupt_signals
+
+    with interrupt_signals():
+        try:
+            try:
+                signal.raise_signal(signal.SIGTERM)  # the handler runs before this returns
+                pytest.fail("the SIGTERM handler did not raise")
+            except Interrupted:
+                raise KeyboardInterrupt from None  # what ray.get / ray.wait raise instead
+        except KeyboardInterrupt as exc:
+            assert not isinstance(exc, Interrupted)
+            stop, name = _interruption(exc), _signal_name(exc)
+    assert (stop.signal_name, stop.exit_code, name) == ("SIGTERM", 143, "SIGTERM")
+    with interrupt_signals():  # a new run starts with no signal recorded: a bare Ctrl-C is SIGINT
+        assert _interruption(KeyboardInterrupt()).signal_name == "SIGINT"

@@ -300,6 +300,17 @@ def store_hint(store: Store) -> str:
     return str(root) if isinstance(root, Path) else store.uri
 
 
+# The signal the driver got: Ray's blocking calls may turn the handler's ``Interrupted`` into a plain
+# KeyboardInterrupt on its way up, and the state, message and exit code must still name SIGTERM.
+_RECEIVED: list[int] = []
+
+
+def _interruption(exc: KeyboardInterrupt) -> Interrupted:
+    if isinstance(exc, Interrupted):
+        return exc
+    return Interrupted(_RECEIVED[0] if _RECEIVED else signal.SIGINT)
+
+
 @contextmanager
 def interrupt_signals() -> Iterator[Callable[[], None]]:
     """SIGINT and SIGTERM raise ``Interrupted`` in the main thread (instead of Ray's SIGTERM handler, which
@@ -309,7 +320,8 @@ def interrupt_signals() -> Iterator[Callable[[], None]]:
     if threading.current_thread() is not threading.main_thread():
         yield lambda: None
         return
-    fired: list[int] = []
+    fired = _RECEIVED
+    fired.clear()
 
     def handler(signum: int, frame: Any) -> None:
         if fired:  # asked again while stopping: do not wait for the cleanup
@@ -480,7 +492,7 @@ def execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None = None, a
                             on_eval_dispatch=on_eval_dispatch, on_eval_done=on_eval_done, actor_env=actor_env,
                             rearm=rearm)
         except KeyboardInterrupt as exc:
-            stop = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
+            stop = _interruption(exc)
             if stats_only:  # nothing frozen to resume: the statistics computed so far are in the store's cache
                 stop.hint = "statistics computed so far are cached; `rayedit stats` (or `rayedit run`) continues"
                 raise stop from None
@@ -701,8 +713,8 @@ def _execute(spec: CampaignSpec, store: Store, *, base_dir: Path | None, address
     return campaign_summaries(store, cid, sids)
 
 
-def _signal_name(exc: BaseException) -> str:
-    return exc.signal_name if isinstance(exc, Interrupted) else "SIGINT"
+def _signal_name(exc: KeyboardInterrupt) -> str:
+    return _interruption(exc).signal_name
 
 
 def run_campaign(spec_path: str | Path, store_uri: str | None = None, address: str | None = None, *,
