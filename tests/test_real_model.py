@@ -87,3 +87,36 @@ def test_memit_and_alphaedit_edit_the_real_model(campaign) -> None:
     for method in ("memit", "alphaedit"):
         assert by.loc[method, "efficacy_success"] >= 0.9, method
         assert by.loc[method, "paraphrase_success"] > base_para, method
+
+
+def nullspace_leak(store, cid: str, sid: str, lm) -> dict[int, float]:
+    """Per edited layer, ‖(W_t − W_0)(I − P)‖_F / ‖W_t − W_0‖_F after a stream's last committed step: the share
+    of the cumulative update outside the null space P it was projected on (P read back from the step's state)."""
+
+    from rayedit.runtime.checkpoint import StateCodec
+    from rayedit.store.layout import DELTA, last_committed_step, read_committed_step
+
+    step = last_committed_step(store, cid, sid)
+    tensors, meta = read_committed_step(store, cid, sid, step, [DELTA]).tensors(DELTA)
+    state = StateCodec(store, cid, sid).decode(
+        step, {k.removeprefix("state."): v for k, v in tensors.items() if k.startswith("state.")}, meta)
+    ad, params = lm.adapter, dict(lm.model.named_parameters())
+    out = {}
+    for name in (k for k in tensors if not k.startswith("state.")):
+        layer = next(i for i in range(ad.n_layers) if ad.weight_name(i) == name)
+        delta = ad.to_math(tensors[name].double() - params[name].detach().double())  # d_out × d_in (keys)
+        p = state[f"projection.{layer}"].double()
+        out[layer] = float((delta - delta @ p).norm() / delta.norm())
+    return out
+
+
+def test_alphaedit_update_stays_in_its_null_space(campaign) -> None:
+    """On the real model, after sequential batches, AlphaEdit's cumulative update has no component outside the
+    null space of its statistics (methods.md §3: Δ = Δ P, so the preserved keys K0 are untouched)."""
+    from rayedit.models import load_model
+
+    store, data = campaign
+    sid = next(s.sid for s in data.streams if "alphaedit" in s.sid)
+    leak = nullspace_leak(store, "smollm2-ci", sid, load_model("smollm2-135m"))
+    print(f"AlphaEdit null-space leak per layer: {leak}")
+    assert leak and max(leak.values()) < 1e-4, leak
