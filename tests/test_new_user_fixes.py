@@ -81,6 +81,26 @@ def test_bad_json_corpus_is_one_clear_error(tmp_path: Path, name: str, text: str
     assert ei.value.__cause__ is None  # no chained JSONDecodeError traceback for the user to wade through
 
 
+def test_validate_reads_a_local_json_corpus(tmp_path: Path) -> None:
+    """`rayedit validate` reports a malformed JSON statistics corpus (file and element), before any replica loads."""
+    import yaml
+    from test_runtime import _spec_dict, _write_requests
+    from typer.testing import CliRunner
+
+    from rayedit.cli import app
+
+    data = _write_requests(tmp_path / "r.jsonl")
+    bad = _write(tmp_path / "corpus.json", json.dumps([{"text": "a"}, {"body": "b"}]))
+    good = _write(tmp_path / "good.json", json.dumps(DOCS))
+    for corpus, ok in ((bad, False), (good, True), (tmp_path / "missing.jsonl", False)):
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(yaml.safe_dump(_spec_dict(data, stats_corpus=str(corpus))))
+        res = CliRunner().invoke(app, ["validate", str(spec)])
+        assert (res.exit_code == 0) == ok, res.output
+        if corpus == bad:
+            assert f"stats_corpus: {bad}: element 1: object has no \"text\" field" in res.output, res.output
+
+
 # --- 2. fluency in bits -----------------------------------------------------------------------------
 def _generation_rows(cid: str, sid: str, step: int, fluency: list[float]) -> list[dict]:
     return [{"campaign": cid, "stream": sid, "model": "tiny:llama", "method": "memit", "dataset": "facts",

@@ -1010,6 +1010,24 @@ def validate_spec_file(path: str | Path, notes: list[str] | None = None) -> tupl
     return spec, problems
 
 
+def _stats_corpus_problems(corpus: str, base_dir: Path | None) -> list[str]:
+    """A local JSON/JSONL statistics corpus is read now, so a malformed one is reported by ``validate`` (naming
+    the file, element or line) instead of by the statistics stage after the replicas have loaded."""
+    if not corpus.lower().endswith((".json", ".jsonl")) or corpus.startswith(_NOT_FILES) or _is_hub(corpus):
+        return []
+    path = resolve_data_path(corpus, base_dir)
+    if not path.is_file():
+        return [f"stats_corpus: file not found: {corpus}"]
+    from rayedit.editing.covariance import StatsError, resolve_corpus
+
+    try:
+        if not resolve_corpus(str(path)).load():
+            return [f"stats_corpus: {path}: no documents (every entry is empty)"]
+    except StatsError as exc:
+        return [f"stats_corpus: {exc}"]
+    return []
+
+
 def deep_check(spec: CampaignSpec, base_dir: Path | None = None, notes: list[str] | None = None) -> list[str]:
     problems: list[str] = []
     notes = [] if notes is None else notes
@@ -1054,6 +1072,7 @@ def deep_check(spec: CampaignSpec, base_dir: Path | None = None, notes: list[str
             for fi, f in enumerate(getattr(a, "files", []) or []):
                 if not resolve_data_path(f.path, base_dir).is_file():
                     problems.append(f"audit.suites.{si}.files.{fi}.path: file not found: {f.path}")
+    problems += _stats_corpus_problems(spec.stats_corpus, base_dir)
     for di, d in enumerate(spec.datasets):
         if d.kind in TOYWORLD_FILES:
             try:
