@@ -8,6 +8,7 @@ rate (headline tables of each audit suite). Measured on this machine: ~20 s of e
 
     .venv/bin/python benchmarks/real_model.py [--edits 200] [--batch 10] [--methods memit,alphaedit,...]
         [--store runs/bench-real] [--no-audit] [--fluency] [--stats-corpus enwiki-sample] [--stats-tokens N]
+        [--report-only]
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ def main() -> None:
     ap.add_argument("--stats-tokens", type=int, default=None, help="token budget of the statistics (default: all)")
     ap.add_argument("--no-audit", action="store_true")
     ap.add_argument("--fluency", action="store_true")
+    ap.add_argument("--report-only", action="store_true",
+                    help="print the tables of the campaign already in --store (e.g. an interrupted or resumed one)")
     args = ap.parse_args()
 
     from rayedit.data.loaders import load_counterfact
@@ -115,15 +118,18 @@ def main() -> None:
     from rayedit.runtime.campaign import run_campaign
     from rayedit.store import open_store
 
-    spec = build_spec(args)
-    spec_path = Path(args.store) / f"{args.name}.yaml"
-    spec_path.parent.mkdir(parents=True, exist_ok=True)
-    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    t0 = time.perf_counter()
-    run_campaign(spec_path, args.store, progress=True, summary=False)
-    wall = time.perf_counter() - t0
+    wall = None
+    if not args.report_only:
+        spec = build_spec(args)
+        spec_path = Path(args.store) / f"{args.name}.yaml"
+        spec_path.parent.mkdir(parents=True, exist_ok=True)
+        spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        t0 = time.perf_counter()
+        run_campaign(spec_path, args.store, progress=True, summary=False)
+        wall = time.perf_counter() - t0
     store = open_store(args.store)
     camp = load_campaign(store, args.name)
+    spec = camp.spec  # the frozen spec: what ran
 
     ev = camp.evals
     cf = ev[ev["suite"] == "counterfact"]
@@ -148,13 +154,13 @@ def main() -> None:
 
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    print(f"\nSmolLM2-135M-Instruct (smollm2-135m), {args.edits} sequential edits of known CounterFact facts in "
-          f"batches of {args.batch}; stats {args.stats_corpus} ({args.stats_samples} docs, "
-          f"{args.stats_tokens or 'all'} tokens); "
-          f"{dt.date.today()} commit {commit}; campaign wall time {wall / 60:.1f} min")
+    took = f"campaign wall time {wall / 60:.1f} min" if wall is not None else "report of the stored campaign"
+    print(f"\nSmolLM2-135M-Instruct (smollm2-135m), up to {spec['edits_per_stream']} sequential edits of known "
+          f"CounterFact facts in batches of {spec['batch_size']}; stats {spec.get('stats_corpus')} "
+          f"({spec.get('stats_samples')} docs); {dt.date.today()} commit {commit}; {took}")
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
         print(table)
-        if not args.no_audit:
+        if spec.get("audit"):
             audit = load_audit(store, args.name)
             for suite, t in audit_tables(audit).items():
                 print(f"\naudit: {suite}")
