@@ -2,7 +2,7 @@
 
 import torch
 
-from rayedit.editing.linalg import null_space_projection, robust_solve
+from rayedit.editing.linalg import null_space_energy, null_space_projection, robust_solve
 from rayedit.editing.solvers import alphaedit_delta, memit_delta, rome_delta
 
 
@@ -107,6 +107,26 @@ def test_robust_solve_regularises_singular_systems_and_says_so():
     assert torch.isfinite(x).all()
     x2, rep2 = robust_solve(torch.eye(5, dtype=torch.float64) * 2, b, "ok")
     assert not rep2.regularised and torch.allclose(x2, b / 2)
+
+
+def test_null_space_key_energy_share():
+    """tr(PΣ)/tr(Σ) is the kept eigenvalues' share of the trace; for an energy-mode projection it is ≤ ρ, and the
+    keys' mean squared norm inside the null space equals it (the share of preserved-key energy left unprotected)."""
+    g = torch.Generator().manual_seed(3)
+    scale = torch.logspace(0, -2, 64, dtype=torch.float64)[:, None]  # a spread spectrum, like real keys
+    keys = torch.randn(64, 4000, generator=g, dtype=torch.float64) * scale
+    cov = keys @ keys.T / keys.shape[1]
+    evals = torch.linalg.eigvalsh(cov)
+    for ns, bound in ((null_space_projection(cov, threshold=float(evals[20])), None),
+                      (null_space_projection(cov, mode="energy", energy=0.05), 0.05)):
+        share = null_space_energy(ns.projection, cov)
+        kept = ns.eigenvalues[ns.eigenvalues < float(evals[20])] if bound is None else None
+        if kept is not None:
+            assert abs(share - float(kept.sum() / evals.sum())) < 1e-6  # fp32 P: rounding only
+        else:
+            assert 0 < share <= bound + 1e-6
+        inside = float((ns.projection.double() @ keys).pow(2).sum() / keys.pow(2).sum())
+        assert abs(share - inside) < 1e-6
 
 
 def test_null_space_energy_and_auto_modes():

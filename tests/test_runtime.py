@@ -225,6 +225,7 @@ def test_end_to_end_local(full_run: str) -> None:
         assert len(layers) == len(fro) == len(cond) and all(v > 0 for v in fro) and all(v >= 1 for v in cond)
     ae = tbl.filter(ds.field("method") == "alphaedit")
     assert all(r and all(v > 0 for v in r) for r in ae.column("nullspace_rank_by_layer").to_pylist())
+    assert all(r and all(0 < v < 1 for v in r) for r in ae.column("nullspace_energy_by_layer").to_pylist())
     summ = campaign_summaries(store, cid)
     assert [s.edits for s in summ] == [4, 4] and all(s.mean_target_nll is not None for s in summ)
 

@@ -67,6 +67,13 @@ class NullSpace:
     basis: torch.Tensor | None = None  # Û (d, rank) fp32, orthonormal
 
 
+def null_space_energy(projection: torch.Tensor, cov: torch.Tensor) -> float:
+    """``tr(P Σ) / tr(Σ)``: the share of the statistics' key energy inside the null space, i.e. the part of the
+    preserved keys whose outputs an update projected on ``P`` may still change (0: fully protected)."""
+    p, c = projection.double(), cov.double()
+    return float((p * c).sum() / c.diagonal().sum())  # tr(PΣ) for symmetric P, Σ, without the d³ product
+
+
 def null_space_projection(cov: torch.Tensor, mode: str = "threshold", threshold: float = 2e-2,
                           energy: float = 1e-3, label: str = "", decomposition: str = "eigh",
                           dtype: str = "float64") -> NullSpace:

@@ -150,6 +150,7 @@ class Same(AlphaEdit):
                 st[f"projection.{layer}"] = p_safe
                 ed.state.info[f"same_Psafe_rank.{layer}"] = rank
                 ed.state.info[f"nullspace_rank.{layer}"] = rank
+                self.record_null_space_energy(layer, p_safe, rank)
 
     def target_config(self, layer: int, site: str):
         cfg = super().target_config(layer, site)

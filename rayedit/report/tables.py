@@ -75,6 +75,7 @@ LAYER_METRICS = {
     "resid_norm": Metric("resid_norm", "‖R‖", "residual to distribute ‖R‖ (L2)"),
     "key_norm_mean": Metric("key_norm_mean", "‖k‖", "mean key norm ‖k‖"),
     "nullspace_rank": Metric("nullspace_rank", "null rank", "null-space rank (dimensions)"),
+    "nullspace_energy": Metric("nullspace_energy", "null energy", "key energy in the null space tr(PΣ)/tr(Σ)"),
 }
 #: batch-level quantities: the mean over a step's batches; everything else is read after the step's last batch
 PER_BATCH_LAYER = frozenset({"update_fro", "resid_norm", "key_norm_mean"})

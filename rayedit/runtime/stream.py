@@ -284,7 +284,7 @@ def _max_of(rows: list[dict[str, Any]], column: str) -> float | None:
 
 
 DIAG_KEYS = ("weight_fro", "weight_cond", "weight_sigma_max", "weight_sigma_min", "update_fro", "resid_norm",
-             "key_norm_mean", "nullspace_rank")
+             "key_norm_mean", "nullspace_rank", "nullspace_energy")
 
 
 def layer_columns(res) -> dict[str, Any]:
