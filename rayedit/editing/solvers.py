@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 # [OURS] above this share of the statistics' key energy in the null space, say that the projection protects
-# little (the reference threshold on a normalised Σ leaves ~0 on Llama-3-8B-size models)
+# little (AlphaEdit's premise is a null space that the preserved keys barely reach)
 NULLSPACE_ENERGY_WARN = 0.1
 
 
