@@ -29,7 +29,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from preserved_keys import collect_keys, key_change  # noqa: E402
+from preserved_keys import collect_keys, held_out_sentences, key_change, load_for_keys  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,9 +51,7 @@ def main() -> None:
 
     from rayedit.data.loaders import load_counterfact
     from rayedit.editing import Editor
-    from rayedit.editing.covariance import resolve_corpus
     from rayedit.evaluate import evaluate_records
-    from rayedit.models import load_model
     from rayedit.report.load import load_campaign
     from rayedit.store import StoreBlobCache, open_store
 
@@ -67,13 +65,9 @@ def main() -> None:
     records = [by_id[i] for i in ids]
     requests = [r.request for r in records]
 
-    lm = load_model(spec["models"][0]["name"], dtype="float32")
-    lm.tokenizer.padding_side = "right"
-    if lm.tokenizer.pad_token is None:
-        lm.tokenizer.pad_token = lm.tokenizer.eos_token
+    lm = load_for_keys(spec["models"][0]["name"])
     base = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
-    every = resolve_corpus("builtin:general").load()
-    held_out = every[::max(1, len(every) // args.held_out)][:args.held_out]
+    held_out = held_out_sentences(args.held_out)
     neighbours = [p for r in records for p in r.neighborhood_prompts][:args.neighbours]
     cache = StoreBlobCache(store)
     n_samples = int(spec.get("stats_samples") or 100_000)

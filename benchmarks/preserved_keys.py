@@ -41,6 +41,25 @@ def edited_weights(store, cid: str, sid: str, step: int) -> dict[str, torch.Tens
     return {k: v for k, v in tensors.items() if not k.startswith("state.")}
 
 
+def load_for_keys(name: str):
+    """The unedited model, right-padded with a pad token, so batched reads of keys can mask the padding out."""
+    from rayedit.models import load_model
+
+    lm = load_model(name, dtype="float32")
+    lm.tokenizer.padding_side = "right"
+    if lm.tokenizer.pad_token is None:
+        lm.tokenizer.pad_token = lm.tokenizer.eos_token
+    return lm
+
+
+def held_out_sentences(n: int) -> list[str]:
+    """``n`` builtin general sentences spread over the whole set (none is in the statistics corpus)."""
+    from rayedit.editing.covariance import resolve_corpus
+
+    every = resolve_corpus("builtin:general").load()
+    return every[::max(1, len(every) // n)][:n]
+
+
 @torch.no_grad()
 def collect_keys(lm, texts: list[str], names: list[str], batch: int = 16, max_len: int = 256
                  ) -> dict[str, torch.Tensor]:
@@ -98,7 +117,6 @@ def main() -> None:
 
     from rayedit.data.loaders import load_counterfact
     from rayedit.editing.covariance import resolve_corpus
-    from rayedit.models import load_model
     from rayedit.report.load import load_campaign
     from rayedit.store import open_store
     from rayedit.store.layout import committed_steps
@@ -115,15 +133,11 @@ def main() -> None:
     labels = camp.edits.drop_duplicates("stream").set_index("stream")["method_label"].to_dict()
     deltas = {sid: edited_weights(store, args.campaign, sid, step) for sid in sids}
 
-    lm = load_model(spec["models"][0]["name"], dtype="float32")
-    lm.tokenizer.padding_side = "right"
-    if lm.tokenizer.pad_token is None:
-        lm.tokenizer.pad_token = lm.tokenizer.eos_token
+    lm = load_for_keys(spec["models"][0]["name"])
     edited = camp.edits[(camp.edits["stream"] == sids[0]) & (camp.edits["step"] <= step)]
     ids = set(edited["case_id"].astype(str))
     records = [r for r in load_counterfact(spec["datasets"][0]["path"]) if r.case_id in ids]
-    every = resolve_corpus("builtin:general").load()
-    held_out = every[::max(1, len(every) // args.held_out)][:args.held_out]  # spread over the whole set
+    held_out = held_out_sentences(args.held_out)
     stats_docs = resolve_corpus(spec.get("stats_corpus") or "enwiki-sample").load()[:args.stats_docs]
     sets = {"held-out text": held_out,
             "neighbours": [p for r in records for p in r.neighborhood_prompts][:args.neighbours],
