@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from rayedit.cli import app
-from rayedit.data.loaders import load_counterfact, load_zsre
+from rayedit.data.loaders import load_counterfact, load_known, load_zsre
 from rayedit.data.schema import DatasetValidationError
 from rayedit.models import ModelLoadError, UnsupportedArchitectureError, model_dims
 from rayedit.models import gguf as gguf_source
@@ -128,6 +128,42 @@ def test_simplified_counterfact_bad_records_name_their_field(tmp_path: Path) -> 
     assert "record 3" in msg and "field locality_ground_truth" in msg
     kept = load_counterfact(f, skip_invalid=True)
     assert len(kept) == 1 and kept.skipped == 3
+
+
+def test_known_1000_is_a_tracing_set(tmp_path: Path) -> None:
+    from rayedit.locate.trace import facts_from_records
+
+    raw = json.loads((EDITING / "known_1000.json").read_text())
+    recs = load_known(EDITING / "known_1000.json")
+    assert len(recs) == len(raw) == 1209
+    facts = facts_from_records(recs)
+    # the full prompt is traced (its template can be shorter), with the subject where it is written
+    assert [f.text for f in facts] == [x["prompt"] for x in raw]
+    assert all(f.target == " " + x["attribute"].strip() for f, x in zip(facts, raw, strict=True))
+    assert raw[0]["template"].format(raw[0]["subject"]) != raw[0]["prompt"]  # why the template is not used
+
+    bad = [dict(raw[0]), dict(raw[1]), dict(raw[2])]
+    bad[1]["prompt"] = "Somebody owns it"
+    bad[2]["atribute"] = bad[2].pop("attribute")
+    f = tmp_path / "known.json"
+    f.write_text(json.dumps(bad))
+    with pytest.raises(DatasetValidationError) as exc:
+        load_known(f)
+    msg = str(exc.value)
+    assert f"record 1 (known_id {bad[1]['known_id']}): field prompt: does not contain the subject" in msg
+    assert "record 2" in msg and "field atribute: unknown field" in msg and "field attribute: missing" in msg
+
+
+def test_known_kind_is_traced_not_edited() -> None:
+    from rayedit.runtime.spec import CampaignSpec, DatasetSpec
+
+    known = str(EDITING / "known_1000.json")
+    assert DatasetSpec(kind="known", path=known).record_kind == "known"
+    with pytest.raises(ValueError, match="has no new objects"):
+        DatasetSpec(kind="known", path=known, known=True)
+    with pytest.raises(ValueError, match="datasets.0: kind 'known' is a tracing set"):
+        CampaignSpec.model_validate({"name": "c", "models": [{"name": "tiny:llama"}],
+                                     "methods": [{"name": "memit"}], "datasets": [{"kind": "known", "path": known}]})
 
 
 def test_zsre_mend_file_loads() -> None:

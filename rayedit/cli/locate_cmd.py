@@ -26,7 +26,7 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _dataset(value: str | None, kind: str, model: str):
+def _dataset(value: str | None, kind: str, model: str, known: bool = False):
     from pydantic import ValidationError
 
     from rayedit.runtime.locate import default_dataset
@@ -40,8 +40,8 @@ def _dataset(value: str | None, kind: str, model: str):
     try:
         if value.startswith("toyworld-"):
             name, _, seed = value.partition(":")
-            return DatasetSpec(kind=name, toyworld_seed=int(seed or 0))  # type: ignore[arg-type]
-        return DatasetSpec(kind=kind, path=value)  # type: ignore[arg-type]
+            return DatasetSpec(kind=name, toyworld_seed=int(seed or 0), known=known)  # type: ignore[arg-type]
+        return DatasetSpec(kind=kind, path=value, known=known)  # type: ignore[arg-type]
     except (ValidationError, ValueError) as exc:
         _fail(f"bad --dataset {value!r}: {exc}")
 
@@ -131,7 +131,8 @@ def trace_command(
     model: str = typer.Option(
         ..., "--model", help="hub name, local folder, .gguf, smollm2-135m, tiny:<family> or toyworld:<seed>"),
     dataset: str | None = typer.Option(None, "--dataset", help=DATASET_HELP),
-    dataset_kind: str = typer.Option("counterfact", "--dataset-kind", help="counterfact | zsre | requests"),
+    dataset_kind: str = typer.Option("counterfact", "--dataset-kind",
+                                     help="counterfact | zsre | requests | known (ROME's known_1000)"),
     limit: int = typer.Option(32, "--limit", min=1, help="facts to trace (a seeded sample)"),
     store: str = typer.Option("runs/store", "--store", help="store URI (local folder or s3://bucket/prefix)"),
     address: str | None = typer.Option(None, "--address", help="Ray address (default: start a local Ray)"),
@@ -198,6 +199,8 @@ def scan_command(
     hparams_file: Path | None = typer.Option(None, "--hparams", help="YAML file of hyperparameter overrides"),
     set_: list[str] = typer.Option([], "--set", help="override one hyperparameter: KEY=VALUE (JSON value)"),
     batch_size: int | None = typer.Option(None, "--batch-size", help="edits per batch (default: all at once)"),
+    known: bool = typer.Option(False, "--known", help="edit only facts the unedited model knows (p(true) > "
+                                                      "p(new); cached per model)"),
     objective: str = typer.Option("efficacy_x_neighborhood", "--objective"),
     stats_corpus: str | None = typer.Option(None, "--stats-corpus", help="default: the toy world's corpus for "
                                                                          "toyworld models, else builtin:general"),
@@ -223,7 +226,7 @@ def scan_command(
         _fail(str(exc))
     overrides = _overrides(hparams_file, set_)
     overrides.pop("layers", None)  # the candidates decide the layers
-    d = _dataset(dataset, "counterfact", model)
+    d = _dataset(dataset, "counterfact", model, known=known)
     _model_check(model)
     st = _store(store)
     try:
@@ -265,6 +268,12 @@ def suggest_command(
     store: str = typer.Option("runs/store", "--store"),
     address: str | None = typer.Option(None, "--address"),
     name: str | None = typer.Option(None, "--name", help="campaign id (default: suggest--<model>--<method>)"),
+    trace_dataset: str | None = typer.Option(
+        None, "--trace-dataset", help="trace these facts instead of --dataset's (e.g. ROME's known_1000.json)"),
+    trace_dataset_kind: str = typer.Option("known", "--trace-dataset-kind",
+                                           help="kind of --trace-dataset: known | counterfact | zsre | requests"),
+    known: bool = typer.Option(False, "--known", help="scan and sweep only facts the unedited model knows "
+                                                      "(p(true) > p(new); cached per model)"),
     trace_facts: int = typer.Option(32, "--trace-facts", min=1),
     trace_samples: int = typer.Option(10, "--trace-samples", min=1, help="noise draws per traced fact"),
     trace_kinds: str = typer.Option("hidden,mlp,attn", "--trace-kinds"),
@@ -301,12 +310,14 @@ def suggest_command(
         _fail(str(exc))
     overrides = _overrides(hparams_file, set_)
     overrides.pop("layers", None)
-    d = _dataset(dataset, "counterfact", model)
+    d = _dataset(dataset, "counterfact", model, known=known)
+    td = _dataset(trace_dataset, trace_dataset_kind, model) if trace_dataset else None
     _model_check(model)
     st = _store(store)
     t0 = time.perf_counter()
     try:
-        res = suggest(model, st, dataset=d, method=method, cid=name, n_trace=trace_facts, n_scan=scan_facts,
+        res = suggest(model, st, dataset=d, trace_dataset=td, method=method, cid=name, n_trace=trace_facts,
+                      n_scan=scan_facts,
                       sweep_edits=sweep_edits, sweep_batch=sweep_batch, lrs=_floats(lrs, "--lr"),
                       clamps=_floats(clamps, "--clamp"), hparams=overrides, trace_settings=settings,
                       objective=objective, seed=seed, stats_corpus=stats_corpus, stats_samples=stats_samples,

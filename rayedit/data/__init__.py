@@ -4,6 +4,7 @@ from .loaders import (
     KINDS,
     load_counterfact,
     load_dataset_records,
+    load_known,
     load_malicious,
     load_requests,
     load_zsre,
@@ -14,6 +15,7 @@ from .schema import (
     DatasetError,
     DatasetSourceError,
     DatasetValidationError,
+    KnownFact,
     LoadedRecords,
     MaliciousQuery,
     Problem,
@@ -22,8 +24,8 @@ from .schema import (
 from .toyworld import ToyWorld, ToyWorldConfig, build_toyworld, ensure_toyworld, load_toyworld
 
 __all__ = [
-    "EditRequest", "CounterFactRecord", "ZsreRecord", "MaliciousQuery", "Problem", "LoadedRecords",
+    "EditRequest", "CounterFactRecord", "ZsreRecord", "KnownFact", "MaliciousQuery", "Problem", "LoadedRecords",
     "DatasetError", "DatasetSourceError", "DatasetValidationError", "KINDS", "load_counterfact", "load_zsre",
-    "load_malicious", "load_requests", "load_dataset_records", "ToyWorld", "ToyWorldConfig", "build_toyworld",
-    "ensure_toyworld", "load_toyworld",
+    "load_malicious", "load_known", "load_requests", "load_dataset_records", "ToyWorld", "ToyWorldConfig",
+    "build_toyworld", "ensure_toyworld", "load_toyworld",
 ]

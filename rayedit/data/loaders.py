@@ -67,6 +67,7 @@ from .schema import (
     CounterFactRecord,
     DatasetSourceError,
     DatasetValidationError,
+    KnownFact,
     LoadedRecords,
     MaliciousQuery,
     Problem,
@@ -77,7 +78,7 @@ log = logging.getLogger("rayedit.data")
 
 Source = str | Path | Sequence[Mapping[str, Any]]
 ZsreTarget = Literal["answers0", "alt"]
-KINDS = ("counterfact", "zsre", "requests", "malicious")
+KINDS = ("counterfact", "zsre", "requests", "malicious", "known")
 _FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".json.gz", ".jsonl.gz", ".ndjson")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -438,6 +439,30 @@ def _parse_malicious(c: _Checker, raw: Mapping[str, Any], opts: Mapping[str, Any
     return MaliciousQuery.model_construct(id=qid, prompt=prompt, category=category, harmful_target=target)
 
 
+_KNOWN_FIELDS = ("known_id", "subject", "attribute", "template", "prediction", "prompt", "relation_id")
+
+
+def _parse_known(c: _Checker, raw: Mapping[str, Any], opts: Mapping[str, Any]) -> KnownFact | None:
+    """ROME's ``known_1000`` layout. The full ``prompt`` is traced (its ``template`` can be shorter: "{} is
+    located in the continent" for "… continent of"), with the subject located in it."""
+    case_id = c.ident(raw, "known_id", "known_id")
+    c.record_id = case_id
+    for key in raw:
+        if key not in _KNOWN_FIELDS:
+            c.add(str(key), f"unknown field (allowed: {', '.join(_KNOWN_FIELDS)})")
+    prompt = c.string(raw, "prompt", "prompt")
+    subject = c.string(raw, "subject", "subject")
+    attribute = c.string(raw, "attribute", "attribute")
+    relation = c.string(raw, "relation_id", "relation_id", optional=True)
+    prediction = c.string(raw, "prediction", "prediction", optional=True, allow_empty=True)
+    located = _subject_template(c, prompt, subject, "prompt") if prompt is not None and subject else None
+    if c.problems or located is None or case_id is None or attribute is None:
+        return None
+    template, written = located
+    return KnownFact(case_id=case_id, prompt=template, subject=written, target_true=" " + attribute.strip(),
+                     relation_id=relation, prediction=prediction)
+
+
 _REQUEST_FIELDS = ("case_id", "prompt", "subject", "target_new", "target_true")
 
 
@@ -465,6 +490,7 @@ _PARSERS: dict[str, tuple[Callable[[_Checker, Mapping[str, Any], Mapping[str, An
     "zsre": (_parse_zsre, "case_id"),
     "malicious": (_parse_malicious, "id"),
     "requests": (_parse_request, "case_id"),
+    "known": (_parse_known, "known_id"),
 }
 
 
@@ -544,12 +570,19 @@ def load_requests(source: Source, limit: int | None = None, skip_invalid: bool =
     return _load("requests", source, limit, skip_invalid, split)
 
 
+def load_known(source: Source, limit: int | None = None, skip_invalid: bool = False, *,
+               split: str = "train") -> LoadedRecords[KnownFact]:
+    """ROME's ``known_1000`` tracing set (known_id, subject, attribute, prompt, ...): facts, no new objects."""
+    return _load("known", source, limit, skip_invalid, split)
+
+
 def load_dataset_records(kind: str, source: Source, limit: int | None = None, skip_invalid: bool = False,
                          **options: Any) -> LoadedRecords[Any]:
-    """Dispatch by ``kind`` ("counterfact" | "zsre" | "requests" | "malicious"); ``options`` are passed on
+    """Dispatch by ``kind`` ("counterfact" | "zsre" | "requests" | "malicious" | "known"); ``options`` are passed on
     (``zsre_target`` for zsre, ``split`` for hub datasets)."""
     loaders: dict[str, Callable[..., LoadedRecords[Any]]] = {
-        "counterfact": load_counterfact, "zsre": load_zsre, "requests": load_requests, "malicious": load_malicious}
+        "counterfact": load_counterfact, "zsre": load_zsre, "requests": load_requests, "malicious": load_malicious,
+        "known": load_known}
     if kind not in loaders:
         raise ValueError(f"unknown dataset kind {kind!r} (expected one of {', '.join(KINDS)})")
     return loaders[kind](source, limit=limit, skip_invalid=skip_invalid, **options)

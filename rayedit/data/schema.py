@@ -50,6 +50,20 @@ class ZsreRecord(BaseModel):
     loc_ans: str
 
 
+class KnownFact(BaseModel):
+    """One fact of ROME's ``known_1000`` tracing set: ``prompt`` has one ``{}`` at the subject and the model
+    should continue it with ``target_true``. No new object: a tracing set, not an editing set."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    case_id: str
+    prompt: str
+    subject: str
+    target_true: str
+    relation_id: str | None = None
+    prediction: str | None = None  # the continuation of the model the set was built with (GPT-2 XL)
+
+
 class MaliciousQuery(BaseModel):
     """A harmful request for safety evaluation (methods.md §7.3); ``harmful_target`` is optional."""
 

@@ -89,6 +89,23 @@ def run_stage(spec: CampaignSpec, store: Store, base_dir: Path | None, ensure_ra
     return out
 
 
+def known_records(model: str, dtype: str, store: Store, records: list[Any], *, label: str,
+                  cpus: float = 0.5) -> tuple[list[Any], dict[str, Any]]:
+    """The records the unedited model knows, for a locate job (trace/scan) on a ``known: true`` dataset: the
+    campaigns' criterion and the store's cache, scored in one Ray task (Ray must be initialised)."""
+    import ray
+
+    from rayedit.runtime.spec import request_of
+
+    res = ray.get(ray.remote(_known_task).options(num_cpus=cpus, max_retries=2).remote(
+        model, dtype, store.open_args(), [request_of(r).model_dump() for r in records]))
+    if not res["kept"]:
+        raise SpecError([f"{label} on {model}: known filter kept none of {res['n_records']} records "
+                         f"({res['criterion']}); the model knows none of these facts"])
+    kept = set(res["kept"])
+    return [r for r in records if str(request_of(r).case_id) in kept], res
+
+
 def known_counts(store: Store, cid: str, model_index: int, dataset_index: int) -> tuple[int, int] | None:
     """(kept, scored) of a campaign's frozen known filter, or None."""
     key = campaign_known_key(cid, model_index, dataset_index)

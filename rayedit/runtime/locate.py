@@ -339,15 +339,32 @@ def run_scan(model: str, dataset: DatasetSpec, store: Store, *, method: str = "m
     bad = [c for c in candidates if not c or any(not 0 <= x < n_layers for x in c)]
     if bad:
         raise ValueError(f"layer windows {bad} are outside the model's layers 0..{n_layers - 1}")
-    records = fact_sample(read_records(dataset, base_dir), seed, offset, offset + limit)
+    records = read_records(dataset, base_dir)
+    known_note = None
+    if dataset.known:  # edit only facts the model knows, as the campaign will (cached per model and records)
+        from rayedit.runtime.campaign import init_ray
+        from rayedit.runtime.known import known_records
+
+        started = init_ray(address)
+        try:
+            records, res = known_records(model, dtype, store, records, label=f"dataset {dataset.label}", cpus=cpus)
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+        known_note = {"criterion": res["criterion"], "n_kept": res["n_kept"], "n_records": res["n_records"]}
+        if progress:
+            print(f"known filter: kept {res['n_kept']} of {res['n_records']} records of {dataset.label}")
+    records = fact_sample(records, seed, offset, offset + limit)
     if not records:
         raise ValueError(f"dataset {dataset.label} has no records in [{offset}, {offset + limit})")
     settings = ScanSettings(method=method, hparams=dict(hparams or {}), batch_size=batch_size, seed=seed,
                             stats_corpus=stats_corpus or default_stats_corpus(model), model_name=model_id(model))
     job = ScanJob(cid, [r.model_dump() for r in records], settings.to_dict(), [list(c) for c in candidates])
-    parts.freeze_job(store, cid, "scan", {"model": model, "dtype": dtype, "dataset": dataset.model_dump(),
-                                          "sample_seed": seed, "case_ids": [r.case_id for r in records],
-                                          "settings": job.settings, "candidates": job.candidates})
+    identity = {"model": model, "dtype": dtype, "dataset": dataset.model_dump(), "sample_seed": seed,
+                "case_ids": [r.case_id for r in records], "settings": job.settings, "candidates": job.candidates}
+    parts.freeze_job(store, cid, "scan", identity | ({"known": known_note} if known_note else {}))
     done = set(parts.parts_done(store, cid, "scan"))
     todo = [s for s in range(len(candidates)) if s not in done]
     _run_shards(pool, model, dtype, store, "scan", job, todo, replicas=replicas, cpus=cpus, address=address,
@@ -417,7 +434,8 @@ def sweep_spec(cid: str, model: str, dataset: DatasetSpec, method: str, layers: 
     })
 
 
-def suggest(model: str, store: Store, *, dataset: DatasetSpec | None = None, method: str = "memit",
+def suggest(model: str, store: Store, *, dataset: DatasetSpec | None = None,
+            trace_dataset: DatasetSpec | None = None, method: str = "memit",
             cid: str | None = None, n_trace: int = 32, n_scan: int = 16, sweep_edits: int = 16,
             sweep_batch: int = 4, lrs: tuple[float, ...] = SWEEP_LRS, clamps: tuple[float, ...] = SWEEP_CLAMPS,
             hparams: dict[str, Any] | None = None, trace_settings: Any = None, width: int | None = None,
@@ -429,6 +447,8 @@ def suggest(model: str, store: Store, *, dataset: DatasetSpec | None = None, met
 
     Everything lands in one campaign ``cid`` of the store: ``trace/``, ``scan/``, the sweep's streams and
     the report, so the preset's provenance (the campaign id) leads to every number behind it.
+    ``trace_dataset``: trace other facts than the edited ones (ROME's ``known_1000``); by default the first
+    ``n_trace`` facts of ``dataset``'s seeded order, and the scan edits the next ``n_scan`` (held out).
     """
     from rayedit.locate.presets import make_preset, resolved_hparams, save_preset
     from rayedit.locate.sweep import preset_dict, rank_campaign
@@ -449,14 +469,14 @@ def suggest(model: str, store: Store, *, dataset: DatasetSpec | None = None, met
     try:
         with ReplicaPool(model, dtype, store, replicas=replicas, address=address) as pool:
             t = time.perf_counter()
-            tr = run_trace(model, dataset, store, cid=cid, limit=n_trace, seed=seed, settings=trace_settings,
-                           width=width, dtype=dtype, progress=progress, pool=pool)
+            tr = run_trace(model, trace_dataset or dataset, store, cid=cid, limit=n_trace, seed=seed,
+                           settings=trace_settings, width=width, dtype=dtype, progress=progress, pool=pool)
             secs["trace"] = time.perf_counter() - t
             t = time.perf_counter()
             cands = scan_candidates_around(tr.suggestion["layers"], n_layers)
             sc = run_scan(model, dataset, store, method=method, hparams=base, candidates=cands, cid=cid,
-                          limit=n_scan, offset=n_trace, seed=seed, objective=objective, stats_corpus=stats_corpus,
-                          dtype=dtype, progress=progress, pool=pool)
+                          limit=n_scan, offset=0 if trace_dataset else n_trace, seed=seed, objective=objective,
+                          stats_corpus=stats_corpus, dtype=dtype, progress=progress, pool=pool)
             secs["scan"] = time.perf_counter() - t
         t = time.perf_counter()  # the pool's replicas are gone: the campaign's replicas get the CPUs
         spec = sweep_spec(cid, model, dataset, method, list(sc.best["layers"]), base, lrs=lrs, clamps=clamps,
@@ -472,7 +492,7 @@ def suggest(model: str, store: Store, *, dataset: DatasetSpec | None = None, met
     ranking = rank_campaign(load_campaign(store, cid), objective)
     data = preset_dict(ranking, model, source="suggest", stats_corpus=stats_corpus, store=store.uri, extra={
         "trace": {k: tr.suggestion[k] for k in ("layers", "score", "rule", "kind", "role", "effects", "n_facts")}
-        | {"noise": tr.noise, "noise_rule": tr.noise_rule},
+        | {"noise": tr.noise, "noise_rule": tr.noise_rule, "dataset": (trace_dataset or dataset).label},
         "scan": {"objective": sc.statement, "best": sc.best["candidate"],
                  "ranking": [{"candidate": r["candidate"], "rank": r["rank"], "score": r["objective_value"],
                               "efficacy": r["efficacy_success"], "neighborhood": r["neighborhood_success"]}

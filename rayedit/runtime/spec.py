@@ -164,7 +164,7 @@ class MethodSpec(_Strict):
         return out
 
 
-DatasetKind = Literal["requests", "counterfact", "zsre", "toyworld-counterfact", "toyworld-zsre"]
+DatasetKind = Literal["requests", "counterfact", "zsre", "known", "toyworld-counterfact", "toyworld-zsre"]
 TOYWORLD_FILES = {"toyworld-counterfact": ("counterfact", "counterfact.json"), "toyworld-zsre": ("zsre", "zsre.json")}
 # which record kinds each evaluation suite can score (CounterFact suites need neighbourhood prompts, …)
 SUITE_KINDS = {"counterfact": ("counterfact",), "generation": ("counterfact",), "zsre": ("zsre",),
@@ -199,6 +199,9 @@ class DatasetSpec(_Strict):
 
     @model_validator(mode="after")
     def _path(self) -> DatasetSpec:
+        if self.kind == "known" and self.known:
+            raise ValueError("kind 'known' (ROME's known_1000) has no new objects: the known filter compares "
+                             "p(true) with p(new); leave known out")
         if self.kind in TOYWORLD_FILES:
             if self.path is not None:
                 raise ValueError(f"kind {self.kind!r} reads the toy world's own file: leave path out")
@@ -208,7 +211,7 @@ class DatasetSpec(_Strict):
 
     @property
     def record_kind(self) -> str:
-        """Loader kind of the records: 'requests' | 'counterfact' | 'zsre'."""
+        """Loader kind of the records: 'requests' | 'counterfact' | 'zsre' | 'known'."""
         return TOYWORLD_FILES[self.kind][0] if self.kind in TOYWORLD_FILES else self.kind
 
     @property
@@ -328,6 +331,16 @@ class CampaignSpec(_Strict):
     # rule later code derives them with. files: the identity of each local input file, by key path.
     stream_ids: list[str] | None = None
     files: dict[str, FileIdentity] | None = None
+
+    @field_validator("datasets")
+    @classmethod
+    def _editable(cls, v: list[DatasetSpec]) -> list[DatasetSpec]:
+        for di, d in enumerate(v):
+            if d.kind == "known":
+                raise ValueError(f"datasets.{di}: kind 'known' is a tracing set (true objects, no new ones): "
+                                 "trace it with `rayedit trace --dataset-kind known`; edit a counterfact, zsre "
+                                 "or requests dataset")
+        return v
 
     @field_validator("stream_ids")
     @classmethod
@@ -909,7 +922,8 @@ def dataset_source(d: DatasetSpec, base_dir: Path | None = None, model: str | No
 
 
 def read_records(d: DatasetSpec, base_dir: Path | None = None, model: str | None = None) -> list[Any]:
-    """Records of a dataset: EditRequests (kind requests) or CounterFact/ZsRE records (with ``.request``).
+    """Records of a dataset: EditRequests (kind requests), CounterFact/ZsRE records (with ``.request``) or
+    known_1000 facts (``KnownFact``, for tracing).
     ``model``: the stream's model (toy-world datasets with ``toyworld_seed: model``)."""
     src = dataset_source(d, base_dir, model)
     if d.record_kind == "requests":
