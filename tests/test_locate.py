@@ -206,6 +206,24 @@ def test_trace_is_deterministic_and_batching_does_not_change_it(toy):
     assert last["p_restored"] == pytest.approx(first["p_clean"], rel=1e-4)
 
 
+def test_trace_of_some_roles_equals_those_rows_of_a_full_trace(toy):
+    from rayedit.locate.trace import TraceSettings, facts_from_records, trace_facts
+
+    facts = facts_from_records(toy.records[:2])
+    full = trace_facts(toy.lm, facts, TraceSettings(kinds=("mlp",), samples=3))
+    roles = ("subject_last", "last")
+    some = trace_facts(toy.lm, facts, TraceSettings(kinds=("mlp",), samples=3, roles=roles))
+    picked = [r for r in full if r["role"] in roles]
+    assert some and len(some) < len(full) and {r["role"] for r in some} <= set(roles)
+    assert [(r["case_id"], r["layer"], r["position"]) for r in some] == \
+        [(r["case_id"], r["layer"], r["position"]) for r in picked]
+    for a, b in zip(some, picked, strict=True):  # same seeded noise: the restored rows do not depend on the others
+        assert a["p_restored"] == pytest.approx(b["p_restored"], abs=1e-6)
+        assert a["p_corrupt"] == pytest.approx(b["p_corrupt"], abs=1e-6)
+    with pytest.raises(ValueError, match="unknown token roles"):
+        TraceSettings(roles=("subject_end",))
+
+
 def test_trace_window_and_scan_on_the_toy_world(toy, tmp_path):
     from rayedit.editing import LocalBlobCache
     from rayedit.locate.scan import ScanSettings, scan_candidate

@@ -140,6 +140,8 @@ def trace_command(
     seed: int = typer.Option(0, "--seed", help="sample and noise seed"),
     samples: int = typer.Option(10, "--samples", min=1, help="noise draws per fact (ROME: 10)"),
     kinds: str = typer.Option("hidden,mlp,attn", "--kinds", help="states to restore: hidden,mlp,attn"),
+    roles: str | None = typer.Option(None, "--roles", help="restore only tokens of these roles, e.g. "
+                                                           "subject_last,last (default: every token, as ROME)"),
     noise_multiplier: float = typer.Option(3.0, "--noise-multiplier", help="ν = this × σ(subject embeddings)"),
     noise: float | None = typer.Option(None, "--noise", help="absolute ν (overrides the multiplier rule)"),
     window: int = typer.Option(1, "--window", min=1, help="layers restored around each traced layer"),
@@ -156,7 +158,8 @@ def trace_command(
     from rayedit.runtime.spec import SpecError
 
     try:
-        settings = TraceSettings(kinds=_kinds(kinds), noise_multiplier=noise_multiplier, noise=noise,
+        settings = TraceSettings(kinds=_kinds(kinds), roles=_kinds(roles) if roles else None,
+                                 noise_multiplier=noise_multiplier, noise=noise,
                                  samples=samples, window=window, seed=seed)
     except ValueError as exc:
         _fail(str(exc))
@@ -277,6 +280,8 @@ def suggest_command(
     trace_facts: int = typer.Option(32, "--trace-facts", min=1),
     trace_samples: int = typer.Option(10, "--trace-samples", min=1, help="noise draws per traced fact"),
     trace_kinds: str = typer.Option("hidden,mlp,attn", "--trace-kinds"),
+    trace_roles: str | None = typer.Option(None, "--trace-roles",
+                                           help="restore only tokens of these roles (default: every token)"),
     scan_facts: int = typer.Option(16, "--scan-facts", min=1, help="held-out facts edited per scan candidate"),
     sweep_edits: int = typer.Option(16, "--sweep-edits", min=1, help="sequential edits per sweep stream"),
     sweep_batch: int = typer.Option(4, "--sweep-batch", min=1, help="edits per batch in the sweep"),
@@ -305,7 +310,8 @@ def suggest_command(
         _fail(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     try:
         get_objective(objective)
-        settings = TraceSettings(kinds=_kinds(trace_kinds), samples=trace_samples, seed=seed)
+        settings = TraceSettings(kinds=_kinds(trace_kinds), roles=_kinds(trace_roles) if trace_roles else None,
+                                 samples=trace_samples, seed=seed)
     except ValueError as exc:
         _fail(str(exc))
     overrides = _overrides(hparams_file, set_)

@@ -126,7 +126,9 @@ class LocateWorker:
         if self.store.exists(parts.done_key(job.cid, "trace", shard)):
             return 0
         facts = [TraceFact(**f) for f in job.facts]
-        settings = TraceSettings(**{**job.settings, "kinds": tuple(job.settings["kinds"])})
+        roles = job.settings.get("roles")
+        settings = TraceSettings(**{**job.settings, "kinds": tuple(job.settings["kinds"]),
+                                    "roles": tuple(roles) if roles else None})
         a, b = shard * job.shard_size, min((shard + 1) * job.shard_size, len(facts))
         rows = trace_facts(self.lm, facts[a:b], settings, noise_facts=facts,
                            extra_columns={"campaign": job.cid, "model": self.model, "shard": shard})
