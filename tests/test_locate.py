@@ -354,3 +354,11 @@ def test_presets_suggest_reduced(ray_session, tmp_path):
     st = open_store(str(store))
     assert parts.parts_done(st, prov.campaign, "trace") == [0]
     assert parts.parts_done(st, prov.campaign, "scan") == list(range(len(prov.scan["ranking"])))
+
+
+def test_scan_candidates_around_a_window():
+    from rayedit.runtime.locate import scan_candidates_around
+
+    assert scan_candidates_around([4, 5], 30) == [[4, 5], [3, 4], [5, 6], [29]]
+    assert scan_candidates_around([4, 5], 30, last_layer=False) == [[4, 5], [3, 4], [5, 6]]
+    assert scan_candidates_around([0, 1], 3) == [[0, 1], [2]]  # no shift below 0 or onto the last layer

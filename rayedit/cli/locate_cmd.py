@@ -283,6 +283,9 @@ def suggest_command(
     trace_roles: str | None = typer.Option(None, "--trace-roles",
                                            help="restore only tokens of these roles (default: every token)"),
     scan_facts: int = typer.Option(16, "--scan-facts", min=1, help="held-out facts edited per scan candidate"),
+    last_layer: bool = typer.Option(True, "--last-layer/--no-last-layer",
+                                    help="scan the last layer alone as a baseline (its statistics need a "
+                                         "forward through the whole model)"),
     sweep_edits: int = typer.Option(16, "--sweep-edits", min=1, help="sequential edits per sweep stream"),
     sweep_batch: int = typer.Option(4, "--sweep-batch", min=1, help="edits per batch in the sweep"),
     lrs: str = typer.Option("0.5,0.1", "--lr", help="v_lr values of the sweep"),
@@ -327,7 +330,7 @@ def suggest_command(
                       sweep_edits=sweep_edits, sweep_batch=sweep_batch, lrs=_floats(lrs, "--lr"),
                       clamps=_floats(clamps, "--clamp"), hparams=overrides, trace_settings=settings,
                       objective=objective, seed=seed, stats_corpus=stats_corpus, stats_samples=stats_samples,
-                      replicas=replicas, dtype=dtype, address=address, out=out)
+                      replicas=replicas, dtype=dtype, address=address, out=out, last_layer=last_layer)
     except SpecError as exc:
         _fail("; ".join(exc.problems))
     except (LocateMismatch, SpecMismatch, PresetError, ValueError) as exc:
