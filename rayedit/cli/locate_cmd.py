@@ -142,6 +142,8 @@ def trace_command(
     kinds: str = typer.Option("hidden,mlp,attn", "--kinds", help="states to restore: hidden,mlp,attn"),
     roles: str | None = typer.Option(None, "--roles", help="restore only tokens of these roles, e.g. "
                                                            "subject_last,last (default: every token, as ROME)"),
+    known_only: bool = typer.Option(False, "--known-only", help="restore nothing for facts the clean model does "
+                                                                "not predict (top-1 ≠ the object's first token)"),
     noise_multiplier: float = typer.Option(3.0, "--noise-multiplier", help="ν = this × σ(subject embeddings)"),
     noise: float | None = typer.Option(None, "--noise", help="absolute ν (overrides the multiplier rule)"),
     window: int = typer.Option(1, "--window", min=1, help="layers restored around each traced layer"),
@@ -158,7 +160,7 @@ def trace_command(
     from rayedit.runtime.spec import SpecError
 
     try:
-        settings = TraceSettings(kinds=_kinds(kinds), roles=_kinds(roles) if roles else None,
+        settings = TraceSettings(kinds=_kinds(kinds), roles=_kinds(roles) if roles else None, known_only=known_only,
                                  noise_multiplier=noise_multiplier, noise=noise,
                                  samples=samples, window=window, seed=seed)
     except ValueError as exc:
@@ -282,6 +284,8 @@ def suggest_command(
     trace_kinds: str = typer.Option("hidden,mlp,attn", "--trace-kinds"),
     trace_roles: str | None = typer.Option(None, "--trace-roles",
                                            help="restore only tokens of these roles (default: every token)"),
+    trace_known_only: bool = typer.Option(False, "--trace-known-only",
+                                          help="restore nothing for traced facts the clean model does not predict"),
     scan_facts: int = typer.Option(16, "--scan-facts", min=1, help="held-out facts edited per scan candidate"),
     last_layer: bool = typer.Option(True, "--last-layer/--no-last-layer",
                                     help="scan the last layer alone as a baseline (its statistics need a "
@@ -314,7 +318,7 @@ def suggest_command(
     try:
         get_objective(objective)
         settings = TraceSettings(kinds=_kinds(trace_kinds), roles=_kinds(trace_roles) if trace_roles else None,
-                                 samples=trace_samples, seed=seed)
+                                 known_only=trace_known_only, samples=trace_samples, seed=seed)
     except ValueError as exc:
         _fail(str(exc))
     overrides = _overrides(hparams_file, set_)

@@ -290,6 +290,11 @@ def summarize_trace(store: Store, cid: str, *, width: int | None = None, seconds
     if table is None:
         raise ValueError(f"campaign {cid!r} has no committed trace parts")
     rows = table.to_pylist()
+    n_facts = len({r["case_id"] for r in rows})
+    rows = [r for r in rows if r["kind"] != "clean"]  # known_only: a fact the model does not predict
+    if not rows:
+        raise ValueError(f"campaign {cid!r}: the model predicts none of the {n_facts} traced facts (top-1 = the "
+                         "object's first token), so nothing was restored; trace more facts (--limit)")
     n_layers = max(int(r["layer"]) for r in rows) + 1
     effects = {}
     for kind in sorted({r["kind"] for r in rows}):
@@ -298,7 +303,7 @@ def summarize_trace(store: Store, cid: str, *, width: int | None = None, seconds
             effects[f"{kind}@{role}"] = e.effects
     sug = suggest_window(layer_effects(rows, n_layers, "mlp", "subject_last"), width)
     first = rows[0]
-    res = TraceResult(cid, len({r["case_id"] for r in rows}), n_layers, float(first["noise"]),
+    res = TraceResult(cid, n_facts, n_layers, float(first["noise"]),
                       str(first.get("noise_rule") or ""), effects, sug.to_dict(), seconds, len(rows))
     parts.write_json(store, parts.summary_key(cid, "trace"), asdict(res))
     return res
