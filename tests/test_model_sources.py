@@ -169,3 +169,12 @@ def test_known_kind_is_traced_not_edited() -> None:
 def test_zsre_mend_file_loads() -> None:
     recs = load_zsre(EDITING / "zsre_mend_train-1k.json")
     assert len(recs) == 1000 and all(r.request.subject in r.request.text for r in recs)
+
+
+def test_committed_smollm2_preset_validates_for_the_model() -> None:
+    from rayedit.locate.presets import load_preset
+
+    p = load_preset(Path(__file__).resolve().parents[1] / "presets" / "smollm2-135m-memit.yaml", n_layers=30,
+                    d_ff=1536)
+    assert p.model == "smollm2-135m" and p.method == "memit" and p.hparams["layers"] == [4, 5, 6, 7, 8]
+    assert p.provenance.trace and p.provenance.trace["dataset"] == "known_1000" and p.provenance.scan
