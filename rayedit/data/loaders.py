@@ -214,6 +214,12 @@ class _Checker:
     def add(self, field: str | None, message: str) -> None:
         self.problems.append(Problem(self.source, self.index, self.record_id, field, message, self.id_name))
 
+    def only(self, d: Mapping[str, Any], allowed: Sequence[str]) -> None:
+        """Report every key of ``d`` outside ``allowed`` (layouts whose extra keys are mistakes)."""
+        for key in d:
+            if key not in allowed:
+                self.add(str(key), f"unknown field (allowed: {', '.join(allowed)})")
+
     def obj(self, d: Mapping[str, Any], key: str, path: str) -> Mapping[str, Any] | None:
         if key not in d:
             self.add(path, "missing")
@@ -447,9 +453,7 @@ def _parse_known(c: _Checker, raw: Mapping[str, Any], opts: Mapping[str, Any]) -
     located in the continent" for "… continent of"), with the subject located in it."""
     case_id = c.ident(raw, "known_id", "known_id")
     c.record_id = case_id
-    for key in raw:
-        if key not in _KNOWN_FIELDS:
-            c.add(str(key), f"unknown field (allowed: {', '.join(_KNOWN_FIELDS)})")
+    c.only(raw, _KNOWN_FIELDS)
     prompt = c.string(raw, "prompt", "prompt")
     subject = c.string(raw, "subject", "subject")
     attribute = c.string(raw, "attribute", "attribute")
@@ -469,9 +473,7 @@ _REQUEST_FIELDS = ("case_id", "prompt", "subject", "target_new", "target_true")
 def _parse_request(c: _Checker, raw: Mapping[str, Any], opts: Mapping[str, Any]) -> EditRequest | None:
     case_id = c.ident(raw, "case_id", "case_id")
     c.record_id = case_id
-    for key in raw:
-        if key not in _REQUEST_FIELDS:
-            c.add(str(key), f"unknown field (allowed: {', '.join(_REQUEST_FIELDS)})")
+    c.only(raw, _REQUEST_FIELDS)
     prompt = c.string(raw, "prompt", "prompt")
     if prompt is not None and not c.template(prompt, "prompt"):
         prompt = None
