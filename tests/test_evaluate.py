@@ -522,6 +522,26 @@ def test_generation_is_seeded_sharding_independent_and_scored(tmp_path):
     assert [r["record_index"] for r in every_other] == [0, 2]
 
 
+
+def test_generation_batched_across_records_draws_each_records_own_text():
+    """Several records in one sampling batch (different prompt lengths and counts, one without prompts) give
+    every record exactly the text it gets alone, whatever its place in the batch."""
+    lm = build_tiny_model("llama", seed=3)
+    gens = [["Danielle Darrieux is", "The life of Danielle Darrieux, who was born in a small town"], [],
+            ["Toko Yasuda"], ["A musician who plays the", "Paul", "Eric Clapton, who plays the guitar and"]]
+    recs = [cf_record(i, "S", "{} is", "a", "b", [], [], g) for i, g in enumerate(gens)]
+    kw = dict(generation_seed=5, keep_raw=True)
+    alone = {r["case_id"]: r["generations"] for r in evaluate_records(lm, recs, "generation",
+                                                                      generation_batch_size=1, **kw)}
+    together = evaluate_records(lm, recs, "generation", generation_batch_size=64, **kw)
+    reordered = evaluate_records(lm, recs[::-1], "generation", generation_batch_size=3, **kw)
+    assert [r["case_id"] for r in together] == ["0", "1", "2", "3"]
+    for rows in (together, reordered):
+        assert {r["case_id"]: r["generations"] for r in rows} == alone
+    assert alone["1"] == [] and len(alone["3"]) == 3
+    for g, rec in zip(gens, recs, strict=True):  # each text continues its own prompt
+        assert all(t.startswith(p) and len(t) > len(p) for t, p in zip(alone[rec.case_id], g, strict=True))
+
 # -- CLI -------------------------------------------------------------------------------------------
 def test_cli_bad_dataset_is_one_clear_line(tmp_path):
     from typer.testing import CliRunner

@@ -1,8 +1,9 @@
 """CounterFact generation tests, protocol ``generation/v1`` (methods.md §5.2).
 
 - Sampling: top-k 5 until 100 tokens in total (prompt included), one sample per generation prompt, the
-  prompts of one record in one left-padded batch with a KV cache. The ``torch.Generator`` is seeded
-  from (seed, case_id), so a record's text does not depend on which shard or batch evaluated it.
+  prompts of several records in one left-padded batch with a KV cache. Each record draws from its own
+  ``torch.Generator`` seeded from (seed, case_id), so a record's text does not depend on which shard or
+  batch evaluated it.
 - Fluency: mean over the record's generations of ⅓·H₂ + ⅔·H₃ (n-gram entropies in bits) over words
   from NLTK ``word_tokenize`` when NLTK and its punkt data are available, otherwise a regex word
   tokenizer [OURS]; the choice is recorded in every row (``word_tokenizer``).
@@ -168,12 +169,27 @@ class Sample:
 
 @torch.no_grad()
 def sample_top_k(model: torch.nn.Module, encoder: PromptEncoder, prompts: Sequence[str], *,
-                 max_length: int = 100, top_k: int = 5, generator: torch.Generator | None = None,
+                 max_length: int = 100, top_k: int = 5,
+                 generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
                  ) -> list[Sample]:
-    """One top-k sample per prompt, until ``max_length`` tokens in total (prompt included)."""
+    """One top-k sample per prompt, until ``max_length`` tokens in total (prompt included).
+
+    ``generator`` is one generator for all prompts, or one per prompt: consecutive prompts that share a
+    generator object draw together, in one call per step, exactly as if they were sampled alone — so
+    batching several records' prompts does not change any record's text.
+    """
     tok = encoder.tokenizer
     if not prompts:
         return []
+    per_prompt = list(generator) if isinstance(generator, Sequence) else [generator] * len(prompts)
+    if len(per_prompt) != len(prompts):
+        raise ValueError(f"{len(per_prompt)} generators for {len(prompts)} prompts")
+    runs: list[tuple[int, int, torch.Generator | None]] = []  # [start, stop) rows drawing from one generator
+    for i, g in enumerate(per_prompt):
+        if runs and runs[-1][2] is g:
+            runs[-1] = (runs[-1][0], i + 1, g)
+        else:
+            runs.append((i, i + 1, g))
     limit = model_max_positions(model)
     if limit is not None:
         max_length = min(max_length, limit)
@@ -197,7 +213,8 @@ def sample_top_k(model: torch.nn.Module, encoder: PromptEncoder, prompts: Sequen
         past = output_kv_cache(out)
         logits = out.logits[:, -1, :].float()
         top_vals, top_idx = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
-        choice = torch.multinomial(torch.softmax(top_vals, dim=-1), 1, generator=generator)
+        probs = torch.softmax(top_vals, dim=-1)
+        choice = torch.cat([torch.multinomial(probs[a:b], 1, generator=g) for a, b, g in runs])
         nxt = top_idx.gather(1, choice)
         new_tokens.append(nxt)
         step_ids = nxt
@@ -226,21 +243,44 @@ class GenerationSettings:
 
 
 def generation_rows(model: torch.nn.Module, encoder: PromptEncoder, records: Sequence[tuple[int, Any]],
-                    settings: GenerationSettings, keep_raw: bool = True) -> list[dict[str, Any]]:
+                    settings: GenerationSettings, keep_raw: bool = True, batch_prompts: int = 32,
+                    ) -> list[dict[str, Any]]:
+    """One row per tested record; ``batch_prompts`` bounds the prompts sampled together (speed and memory
+    only: each record draws from its own generator)."""
     if settings.interval < 1:
         raise ValueError("generation_test_interval must be >= 1")
+    if batch_prompts < 1:
+        raise ValueError("generation batch_prompts must be >= 1")
     tokenize, tokenizer_name = get_word_tokenizer(settings.word_tokenizer)
     dev = model_device(model)
-    rows: list[dict[str, Any]] = []
-    for index, rec in records:
-        if index % settings.interval:
-            continue
-        cid = case_id_of(rec)
-        prompts = str_list(rec, "generation_prompts")
+    tested = [(index, rec, str_list(rec, "generation_prompts")) for index, rec in records
+              if not index % settings.interval]
+    # several records per forward pass: on a small model the per-token cost is mostly per-call overhead
+    samples_of: list[list[Sample]] = []
+    batch: list[tuple[list[str], torch.Generator]] = []
+
+    def flush() -> None:
+        prompts = [p for ps, _ in batch for p in ps]
+        gens = [g for ps, g in batch for _ in ps]
+        out = sample_top_k(model, encoder, prompts, max_length=settings.max_length, top_k=settings.top_k,
+                           generator=gens)
+        at = 0
+        for ps, _ in batch:
+            samples_of.append(out[at:at + len(ps)])
+            at += len(ps)
+        batch.clear()
+
+    for _, rec, prompts in tested:
         gen = torch.Generator(device=dev)
-        gen.manual_seed(record_seed(settings.seed, cid))
-        samples = sample_top_k(model, encoder, prompts, max_length=settings.max_length, top_k=settings.top_k,
-                               generator=gen)
+        gen.manual_seed(record_seed(settings.seed, case_id_of(rec)))
+        if batch and sum(len(ps) for ps, _ in batch) + len(prompts) > batch_prompts:
+            flush()
+        batch.append((prompts, gen))
+    if batch:
+        flush()
+    rows: list[dict[str, Any]] = []
+    for (index, rec, _), samples in zip(tested, samples_of, strict=True):
+        cid = case_id_of(rec)
         texts = [s.text for s in samples]
         flu = [text_fluency(t, tokenize) for t in texts]
         consistency = NAN

@@ -74,6 +74,7 @@ def evaluate_records(
     generation: bool = False,
     generation_test_interval: int = 1,
     generation_seed: int = 0,
+    generation_batch_size: int = 32,
     word_tokenizer: str = "auto",
     snippets: AttributeSnippets | None = None,
     tfidf: TfidfModel | None = None,
@@ -87,7 +88,8 @@ def evaluate_records(
     ``[0, 100)``, ``[100, 200)``, … concatenate to the rows of the whole range, and generation tests
     (every ``generation_test_interval``-th record) pick the same records whatever the sharding.
     ``chat_template`` wraps every prompt in the tokenizer's chat template (reference CounterFact/ZsRE
-    evaluation uses raw prompts, methods.md §10.17); it is recorded in every row.
+    evaluation uses raw prompts, methods.md §10.17); it is recorded in every row. ``generation_batch_size``
+    bounds the generation prompts sampled together (speed and memory only).
     """
     protocols = protocols_for(suite, generation)
     stop = len(records) if stop is None else min(stop, len(records))
@@ -114,7 +116,8 @@ def evaluate_records(
                 settings = GenerationSettings(seed=generation_seed, interval=generation_test_interval,
                                               word_tokenizer=word_tokenizer, snippets=snippets, tfidf=tfidf)
                 scorer = TokenScorer(model, tokenizer, **common)
-                rows.extend(generation_rows(model, scorer.encoder, chunk, settings, keep_raw=keep_raw))
+                rows.extend(generation_rows(model, scorer.encoder, chunk, settings, keep_raw=keep_raw,
+                                            batch_prompts=generation_batch_size))
     if extra_columns:
         for row in rows:
             for k, v in extra_columns.items():
