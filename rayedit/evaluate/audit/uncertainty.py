@@ -234,36 +234,47 @@ class _Prompts:
         return ids
 
 
-def measure_fact(model: Any, prompts: _Prompts, embedder: Any, fact: ProbeFact, queries: Sequence[int],
-                 settings: UncertaintySettings) -> list[dict[str, Any]]:
-    """U per query of one fact: ONE generation batch (queries × M × K rows) + ONE embedding batch."""
+def measure_facts(model: Any, prompts: _Prompts, embedder: Any, items: Sequence[tuple[ProbeFact, Sequence[int]]],
+                  settings: UncertaintySettings) -> list[list[dict[str, Any]]]:
+    """U per query of several facts: ONE generation batch (facts × queries × M × K rows) + ONE embedding batch.
+
+    Every row samples from its own seed (fact, role, query, paraphrase, sample), so a fact's answers do not
+    depend on which facts share its batch.
+    """
     m, k = settings.n_paraphrases, settings.n_samples
     texts: list[str] = []
     seeds: list[int] = []
-    for qi in queries:
-        q = fact.queries[qi]
-        if len(q.paraphrases) < m:
-            raise ValueError(f"fact {fact.fact_id!r} query {qi} has {len(q.paraphrases)} paraphrases, "
-                             f"fewer than n_paraphrases={m}")
-        for j in range(m):
-            for s in range(k):
-                texts.append(q.paraphrases[j])
-                seeds.append(row_seed(settings.seed, fact.fact_id, q.role, qi, j, s))
+    for fact, queries in items:
+        for qi in queries:
+            q = fact.queries[qi]
+            if len(q.paraphrases) < m:
+                raise ValueError(f"fact {fact.fact_id!r} query {qi} has {len(q.paraphrases)} paraphrases, "
+                                 f"fewer than n_paraphrases={m}")
+            for j in range(m):
+                for s in range(k):
+                    texts.append(q.paraphrases[j])
+                    seeds.append(row_seed(settings.seed, fact.fact_id, q.role, qi, j, s))
     ids = prompts.ids(texts)
     outs = decode_batch(model, prompts.tok, ids, max_new_tokens=settings.max_new_tokens, greedy=False,
                         top_p=settings.top_p, temperature=settings.temperature, seeds=seeds)
     answers = [o.text.strip() for o in outs]
-    steps = max(len(o.ids) + int(o.hit_eos) for o in outs)  # forward passes the batch needed after the prompt
     emb = embedder.embed(answers)
-    emb = emb.reshape(len(queries), m, k, -1)
-    res = []
-    for n, qi in enumerate(queries):
-        u_alea, u_epis, u = spuq(emb[n])
-        block = answers[n * m * k:(n + 1) * m * k]
-        res.append({"query_index": qi, "u_alea": u_alea, "u_epis": u_epis, "u": u, "decode_steps": steps,
-                    "answers": [block[j * k:(j + 1) * k] for j in range(m)],
-                    "mean_answer_tokens": sum(len(o.ids) for o in outs[n * m * k:(n + 1) * m * k]) / (m * k)})
-    return res
+    emb = emb.reshape(len(answers) // (m * k), m, k, -1)
+    results: list[list[dict[str, Any]]] = []
+    at = 0  # query block index
+    for _fact, queries in items:
+        rows = outs[at * m * k:(at + len(queries)) * m * k]
+        steps = max((len(o.ids) + int(o.hit_eos) for o in rows), default=0)  # forward passes this fact needed
+        res = []
+        for qi in queries:
+            u_alea, u_epis, u = spuq(emb[at])
+            block = answers[at * m * k:(at + 1) * m * k]
+            res.append({"query_index": qi, "u_alea": u_alea, "u_epis": u_epis, "u": u, "decode_steps": steps,
+                        "answers": [block[j * k:(j + 1) * k] for j in range(m)],
+                        "mean_answer_tokens": sum(len(o.ids) for o in outs[at * m * k:(at + 1) * m * k]) / (m * k)})
+            at += 1
+        results.append(res)
+    return results
 
 
 def uncertainty_rows(model: Any, tokenizer: Any, facts: Sequence[tuple[int, ProbeFact]],
@@ -273,40 +284,60 @@ def uncertainty_rows(model: Any, tokenizer: Any, facts: Sequence[tuple[int, Prob
     prompts = _Prompts(model, tokenizer, settings)
     tag = settings_tag(settings, getattr(embedder, "name", type(embedder).__name__))
     roles = set(settings.roles)
+    per_row = settings.n_paraphrases * settings.n_samples
+    chosen_of = {index: [i for i, q in enumerate(fact.queries) if q.role in roles] for index, fact in facts}
+    tested = [(index, fact) for index, fact in facts if chosen_of[index]]
+    # several facts per generation batch (up to max_batch_rows sampled rows): one pass per batch, not per fact
+    batches: list[list[tuple[int, ProbeFact]]] = []
+    for index, fact in tested:
+        n_rows = len(chosen_of[index]) * per_row
+        if batches and sum(len(chosen_of[i]) for i, _ in batches[-1]) * per_row + n_rows <= settings.max_batch_rows:
+            batches[-1].append((index, fact))
+        else:
+            batches.append([(index, fact)])
     rows: list[dict[str, Any]] = []
-    for index, fact in facts:
-        chosen = [i for i, q in enumerate(fact.queries) if q.role in roles]
-        if not chosen:
-            continue
-        post = measure_fact(model, prompts, embedder, fact, chosen, settings)
-        pre: list[dict[str, Any]] | None = None
+    for batch in batches:
+        items = [(fact, chosen_of[index]) for index, fact in batch]
+        posts = measure_facts(model, prompts, embedder, items, settings)
+        pres: list[list[dict[str, Any]] | None] = [None] * len(batch)
         if base is not None:
-            key = ("uncertainty", tag, fact.model_dump_json(), tuple(chosen))
-            pre = cache.get(key) if cache is not None else None
-            if pre is None:
+            keys = [("uncertainty", tag, fact.model_dump_json(), tuple(chosen_of[index])) for index, fact in batch]
+            pres = [cache.get(key) if cache is not None else None for key in keys]
+            missing = [n for n, p in enumerate(pres) if p is None]
+            if missing:
                 with base():
-                    pre = measure_fact(model, prompts, embedder, fact, chosen, settings)
-                if cache is not None:
-                    cache[key] = pre
-        for n, r in enumerate(post):
-            q = fact.queries[r["query_index"]]
-            row: dict[str, Any] = {
-                "protocol": UNCERTAINTY.id, "record_index": index, "fact_id": fact.fact_id, "role": q.role,
-                "query_index": r["query_index"], "paraphrase_source": q.source, "n_paraphrases": settings.n_paraphrases,
-                "n_samples": settings.n_samples, "u_alea": r["u_alea"], "u_epis": r["u_epis"], "u": r["u"],
-                "mean_answer_tokens": r["mean_answer_tokens"], "decode_steps": r["decode_steps"],
-                "uncertainty_settings": tag,
-            }
+                    measured = measure_facts(model, prompts, embedder, [items[n] for n in missing], settings)
+                for n, pre in zip(missing, measured, strict=True):
+                    pres[n] = pre
+                    if cache is not None:
+                        cache[keys[n]] = pre
+        for (index, fact), post, pre in zip(batch, posts, pres, strict=True):
+            rows.extend(_rows_of_fact(index, fact, post, pre, settings, tag, keep_raw))
+    return rows
+
+
+def _rows_of_fact(index: int, fact: ProbeFact, post: list[dict[str, Any]], pre: list[dict[str, Any]] | None,
+                  settings: UncertaintySettings, tag: str, keep_raw: bool) -> list[dict[str, Any]]:
+    rows = []
+    for n, r in enumerate(post):
+        q = fact.queries[r["query_index"]]
+        row: dict[str, Any] = {
+            "protocol": UNCERTAINTY.id, "record_index": index, "fact_id": fact.fact_id, "role": q.role,
+            "query_index": r["query_index"], "paraphrase_source": q.source, "n_paraphrases": settings.n_paraphrases,
+            "n_samples": settings.n_samples, "u_alea": r["u_alea"], "u_epis": r["u_epis"], "u": r["u"],
+            "mean_answer_tokens": r["mean_answer_tokens"], "decode_steps": r["decode_steps"],
+            "uncertainty_settings": tag,
+        }
+        if pre is not None:
+            p = pre[n]
+            row.update(u_pre=p["u"], u_alea_pre=p["u_alea"], u_epis_pre=p["u_epis"],
+                       delta_u=delta_u(r["u"], p["u"], settings.min_u_pre), delta_u_abs=r["u"] - p["u"])
+        if keep_raw:
+            row["paraphrases"] = list(q.paraphrases[:settings.n_paraphrases])
+            row["answers"] = r["answers"]
             if pre is not None:
-                p = pre[n]
-                row.update(u_pre=p["u"], u_alea_pre=p["u_alea"], u_epis_pre=p["u_epis"],
-                           delta_u=delta_u(r["u"], p["u"], settings.min_u_pre), delta_u_abs=r["u"] - p["u"])
-            if keep_raw:
-                row["paraphrases"] = list(q.paraphrases[:settings.n_paraphrases])
-                row["answers"] = r["answers"]
-                if pre is not None:
-                    row["answers_pre"] = pre[n]["answers"]
-            rows.append(row)
+                row["answers_pre"] = pre[n]["answers"]
+        rows.append(row)
     return rows
 
 
