@@ -120,6 +120,92 @@ def posthoc_fluency(store, cid: str, sids: list[str], records: list, lm) -> pd.D
     return pd.DataFrame(rows)
 
 
+def stability_change(store, cid: str, sids: list[str], lm) -> pd.DataFrame:
+    """Per stream, the largest relative change of ‖W‖_F and κ₂ over the edited matrices of its last committed
+    step against the unedited model (MOSE's claim is about these, so they are computed, not read from logs)."""
+    from rayedit.editing.diagnostics import matrix_stability
+    from rayedit.runtime.stream import StreamRunner
+    from rayedit.store.layout import last_committed_step
+
+    runner = StreamRunner(lm, store)
+    params = dict(lm.model.named_parameters())
+    rows = []
+    for sid in sids:
+        step = last_committed_step(store, cid, sid)
+        if step is None:
+            continue
+        fro = cond = 0.0
+        for name, w in runner.step_weights(cid, sid, step).items():
+            before = matrix_stability(lm.adapter.to_math(params[name].detach()))
+            after = matrix_stability(lm.adapter.to_math(w))
+            fro = max(fro, abs(after["weight_fro"] / before["weight_fro"] - 1))
+            cond = max(cond, abs(after["weight_cond"] / before["weight_cond"] - 1))
+        rows.append({"stream": sid, "W_rel_change": fro, "kappa2_rel_change": cond})
+    return pd.DataFrame(rows, columns=["stream", "W_rel_change", "kappa2_rel_change"])
+
+
+def _label(labels, method: str, project: str | None = None) -> str | None:
+    """The table label of a method (MEMIT's grid labels carry the projection: memit-project="none")."""
+    for lab in labels:
+        name = lab.split("-project=")[0]
+        if name == method and (project is None or f'project="{project}"' in lab or
+                               (project == "none" and "-project=" not in lab)):
+            return lab
+    return None
+
+
+def print_claims(table: pd.DataFrame, tabs: dict[str, pd.DataFrame]) -> None:
+    """Each claim of the papers (issue 15, item 4) checked against this run's numbers: holds / does not hold."""
+    labels = [x for x in table.index if x != "unedited"]
+    memit, plugin = _label(labels, "memit", "none"), _label(labels, "memit", "nullspace")
+    alpha, same = _label(labels, "alphaedit"), _label(labels, "same")
+
+    def say(claim: str, ok: bool | None, evidence: str) -> None:
+        verdict = "not measured" if ok is None else ("HOLDS" if ok else "DOES NOT HOLD")
+        print(f"- {claim}: {verdict} ({evidence})")
+
+    print("\nclaims (papers → this run)")
+    t = table
+    if memit and alpha:
+        d_eff = 100 * (t.loc[alpha, "efficacy_success"] - t.loc[memit, "efficacy_success"])
+        d_nb = 100 * (t.loc[alpha, "neighborhood_success"] - t.loc[memit, "neighborhood_success"])
+        say("AlphaEdit efficacy >= MEMIT + 10, neighbourhood not lower", d_eff >= 10 and d_nb >= 0,
+            f"efficacy {d_eff:+.1f} points, neighbourhood {d_nb:+.1f}")
+        say("MEMIT's ||W|| grows more than AlphaEdit's", t.loc[memit, "W_growth"] > t.loc[alpha, "W_growth"],
+            f"{t.loc[memit, 'W_growth']:.3f} vs {t.loc[alpha, 'W_growth']:.3f}")
+    for lab in (x for x in labels if x.startswith("mose")):
+        if "W_rel_change" in t:
+            fro, cond = t.loc[lab, "W_rel_change"], t.loc[lab, "kappa2_rel_change"]
+            say(f"{lab} keeps ||W||_F and kappa2 to 1e-4 relative", bool(fro < 1e-4 and cond < 1e-4),
+                f"{fro:.1e} / {cond:.1e}; efficacy {100 * t.loc[lab, 'efficacy_success']:.1f}")
+    say("the null-space plug-in changes held-out preserved keys' outputs >= 10x less than MEMIT", None,
+        "benchmarks/preserved_keys.py and benchmarks/nullspace_plugin.py measure it")
+    unc = tabs.get("uncertainty")
+    if unc is not None and "delta_u" in unc:
+        edited = unc[~unc["baseline"]]
+        last = edited[edited["n_edited"] == edited.groupby("method")["n_edited"].transform("max")]
+        by = last.pivot_table(index="method", columns="role", values="delta_u")
+        squares = [x for x in (memit, plugin, alpha, same) if x in by.index]
+        if squares and "edit" in by:
+            say("Delta_U > 0 after sequential edits for every least-squares method",
+                bool((by.loc[squares] > 0).all().all()),
+                "; ".join(f"{role}: " + " > ".join(f"{m} {v:.3f}" for m, v in by[role].sort_values(
+                    ascending=False).items()) for role in by.columns))
+    saf = tabs.get("safety")
+    if saf is not None and same and memit and alpha:
+        allq = saf[saf["category"] == "all"]
+        base = allq[allq["baseline"]]["urr"].mean()
+        edited = allq[~allq["baseline"]]
+        last = edited[edited["n_edited"] == edited.groupby("method")["n_edited"].transform("max")]
+        refusal = {m: 100 - u for m, u in zip(last["method"], last["urr"], strict=True)}
+        base_ref = 100 - base
+        if {same, memit, alpha} <= refusal.keys():
+            loss = {m: base_ref - refusal[m] for m in (same, memit, alpha)}
+            say("SAME keeps the refusal rate within 5 points of the unedited model where AlphaEdit and MEMIT lose more",
+                abs(loss[same]) <= 5 and loss[memit] > 5 and loss[alpha] > 5,
+                f"refusal unedited {base_ref:.0f}, " + ", ".join(f"{m} {refusal[m]:.0f}" for m in loss))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--edits", type=int, default=200)
@@ -181,29 +267,32 @@ def main() -> None:
     base = pd.DataFrame(evaluate_records(lm, recs, "counterfact"))[metrics].mean()
     table.loc["unedited", metrics] = base.to_numpy()
     table.loc["unedited", ["W_growth", "kappa2"]] = [1.0, float("nan")]
+    sids = sorted(camp.edits["stream"].unique())
+    label_of = camp.edits.drop_duplicates("stream").set_index("stream")["method_label"].to_dict()
     if args.fluency_facts:
-        sids = sorted(camp.edits["stream"].unique())
         one = camp.edits[camp.edits["stream"] == sids[0]].sort_values("batch", kind="stable")
         order = [str(c) for c in one["case_id"]]  # every stream edits the same facts in the same order
         by_id = {r.case_id: r for r in recs}
-        label_of = camp.edits.drop_duplicates("stream").set_index("stream")["method_label"].to_dict()
         flu = posthoc_fluency(store, args.name, sids, [by_id[c] for c in order[:args.fluency_facts]], lm)
         flu["method"] = flu["stream"].map(lambda s: label_of.get(s, s))
         table = table.join(flu.set_index("method")["fluency_posthoc"])
+    stab = stability_change(store, args.name, sids, lm)
+    stab["method"] = stab["stream"].map(label_of)
+    table = table.join(stab.set_index("method")[["W_rel_change", "kappa2_rel_change"]])
 
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     took = f"campaign wall time {wall / 60:.1f} min" if wall is not None else "report of the stored campaign"
     print(f"\nSmolLM2-135M-Instruct (smollm2-135m), up to {spec['edits_per_stream']} sequential edits of known "
           f"CounterFact facts in batches of {spec['batch_size']}; stats {spec.get('stats_corpus')} "
-          f"({spec.get('stats_samples')} docs); {dt.date.today()} commit {commit}; {took}")
-    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
+          f"({spec.get('stats_samples')} docs); {dt.date.today()} report at commit {commit}; {took}")
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
         print(table)
-        if spec.get("audit"):
-            audit = load_audit(store, args.name)
-            for suite, t in audit_tables(audit).items():
-                print(f"\naudit: {suite}")
-                print(headline_table(suite, t))
+        tabs = audit_tables(load_audit(store, args.name)) if spec.get("audit") else {}
+        for suite, t in tabs.items():
+            print(f"\naudit: {suite}")
+            print(headline_table(suite, t))
+    print_claims(table, tabs)
 
 
 if __name__ == "__main__":
