@@ -4,15 +4,18 @@ Runs ``jobs/smollm2-counterfact.yaml`` (or a trimmed copy: ``--edits``, ``--meth
 campaign on local Ray, then prints one row per method at its last evaluated edit count, beside the unedited
 model: CounterFact efficacy / paraphrase / neighbourhood success and magnitude, fluency (``--fluency``: the
 generation suite), max over edited layers of ‖W_t‖_F/‖W_0‖_F and κ₂(W_t), and from the audit Δ_U and the refusal
-rate (headline tables of each audit suite). Measured on this machine: ~20 s of editing per fact on one core.
+rate (headline tables of each audit suite); then checks each of the papers' claims (issue 15) against those numbers
+and prints *holds* / *does not hold* with the evidence. Measured on this machine: ~20 s of editing per fact on one
+core.
 
 ``--fluency-facts N`` measures fluency after the fact on a campaign that did not run the generation suite: each
 stream's last committed weights (and the unedited model) generate for the first N edited facts (~1.2 s per fact
-and model on one core).
+and model on one core). ``--refusal-at 10,50,...`` re-runs the audit's safety suite on the committed weights after
+those edit counts (~20 s per model), to see when a refusal loss builds up.
 
     .venv/bin/python benchmarks/real_model.py [--edits 200] [--batch 10] [--methods memit,alphaedit,...]
         [--store runs/bench-real] [--no-audit] [--fluency] [--stats-corpus enwiki-sample] [--stats-tokens N]
-        [--report-only] [--fluency-facts N]
+        [--report-only] [--fluency-facts N] [--refusal-at 10,50,100,200]
 """
 
 from __future__ import annotations
@@ -144,6 +147,40 @@ def stability_change(store, cid: str, sids: list[str], lm) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["stream", "W_rel_change", "kappa2_rel_change"])
 
 
+def refusal_trajectory(store, cid: str, spec: dict, sids: list[str], counts: list[int], lm) -> pd.DataFrame:
+    """Refusal rate (100 − URR) of each stream's committed weights after each of ``counts`` edits, with the
+    campaign audit's safety settings, beside the unedited model: when a refusal loss builds up."""
+    from rayedit.evaluate.audit import audit_records, run_audit_suite
+    from rayedit.evaluate.audit.safety import safety_summary
+    from rayedit.runtime.stream import StreamRunner
+    from rayedit.store import committed_steps
+
+    suite = next((s for s in (spec.get("audit") or {}).get("suites", []) if s["suite"] == "safety"), None)
+    if suite is None:
+        raise SystemExit("--refusal-at needs a campaign whose audit has the safety suite")
+    settings = {k: v for k, v in suite.items() if k != "suite"}
+    queries = audit_records("safety", settings)
+    runner = StreamRunner(lm, store)
+    batch = int(spec["batch_size"])
+
+    def refusal(weights: dict) -> float:
+        runner.checkout(weights)
+        rows = run_audit_suite("safety", lm.model, lm.tokenizer, queries, settings, keep_raw=False)
+        return 100.0 - safety_summary(rows)["all"]["urr"]
+
+    out = [{"stream": "unedited", "edits": 0, "refusal": refusal({})}]
+    for sid in sids:
+        done = set(committed_steps(store, cid, sid))
+        for n in counts:
+            step = n // batch - 1  # the step after which n edits were made
+            if n % batch or step not in done:
+                continue
+            out.append({"stream": sid, "edits": n, "refusal": refusal(runner.step_weights(cid, sid, step))})
+            print(f"refusal {sid} after {n}: {out[-1]['refusal']:.0f}", flush=True)
+    runner.checkout({})
+    return pd.DataFrame(out)
+
+
 def _label(labels, method: str, project: str | None = None) -> str | None:
     """The table label of a method (MEMIT's grid labels carry the projection: memit-project="none")."""
     for lab in labels:
@@ -220,6 +257,9 @@ def main() -> None:
     ap.add_argument("--fluency", action="store_true")
     ap.add_argument("--report-only", action="store_true",
                     help="print the tables of the campaign already in --store (e.g. an interrupted or resumed one)")
+    ap.add_argument("--refusal-at", default="",
+                    help="comma-separated edit counts: the refusal rate of every stream's committed weights after "
+                         "each (the audit's safety settings)")
     ap.add_argument("--fluency-facts", type=int, default=0,
                     help="fluency after the fact: generation on the first N edited facts with each stream's last "
                          "committed weights (for a campaign run without --fluency)")
@@ -276,6 +316,11 @@ def main() -> None:
         flu = posthoc_fluency(store, args.name, sids, [by_id[c] for c in order[:args.fluency_facts]], lm)
         flu["method"] = flu["stream"].map(lambda s: label_of.get(s, s))
         table = table.join(flu.set_index("method")["fluency_posthoc"])
+    trajectory = None
+    if args.refusal_at:
+        counts = [int(x) for x in args.refusal_at.split(",")]
+        trajectory = refusal_trajectory(store, args.name, spec, sids, counts, lm)
+        trajectory["method"] = trajectory["stream"].map(lambda s: label_of.get(s, s))
     stab = stability_change(store, args.name, sids, lm)
     stab["method"] = stab["stream"].map(label_of)
     table = table.join(stab.set_index("method")[["W_rel_change", "kappa2_rel_change"]])
@@ -292,6 +337,9 @@ def main() -> None:
         for suite, t in tabs.items():
             print(f"\naudit: {suite}")
             print(headline_table(suite, t))
+        if trajectory is not None:
+            print("\nrefusal rate (%) after N edits")
+            print(trajectory.pivot_table(index="method", columns="edits", values="refusal"))
     print_claims(table, tabs)
 
 
