@@ -57,6 +57,27 @@ def test_json_array_corpus_is_read_like_jsonl_with_a_content_hash(tmp_path: Path
     assert a.provenance["corpus_revision"].startswith("sha256:")
 
 
+
+def test_auto_corpus_falls_back_when_the_hub_cannot_be_reached(monkeypatch, caplog) -> None:
+    """A machine without network and without HF_HUB_OFFLINE: ``auto`` (the default of ``rayedit edit``) uses the
+    builtin corpus at once instead of failing after the datasets library's retries."""
+    import socket
+
+    with socket.socket() as sock:  # a loopback port with nothing listening: the connection is refused at once
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    with caplog.at_level("WARNING"):
+        corpus = resolve_corpus("auto")
+    assert corpus.id == "builtin:general" and "hub unreachable" in caplog.text
+    with socket.socket() as server:  # a reachable endpoint keeps wikitext-103 (nothing is downloaded here)
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert resolve_corpus("auto").id == "hf:wikitext:wikitext-103-raw-v1"
+
 @pytest.mark.parametrize(("name", "text", "expect"), [
     ("number.json", "42", ["top-level JSON value is a number (42)", "expected a JSON array"]),
     ("object.json", '{"text": "one document"}', ["top-level JSON value is an object", "expected a JSON array"]),

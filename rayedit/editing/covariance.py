@@ -172,17 +172,34 @@ def _file_corpus(path: Path) -> Corpus:
     return Corpus(id=f"file:{path.name}", revision=f"sha256:{digest}", load=load)
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face endpoint (``HF_ENDPOINT``) opens within ``timeout`` seconds:
+    without it, ``auto`` would spend ~30 s in the datasets library's retries before failing."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def resolve_corpus(spec: str | None) -> Corpus:
     """``builtin:general`` | ``enwiki-sample`` | ``toyworld:<seed>`` | a local .txt/.json/.jsonl/.parquet |
     ``hf:NAME[:CONFIG][@REVISION]`` | ``wikitext`` | ``auto``.
 
-    ``auto`` is wikitext-103 unless the hub is offline, then the builtin corpus (with a warning).
+    ``auto`` is wikitext-103 unless the hub is offline (``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE``) or cannot be
+    reached, then the builtin corpus (with a warning).
     """
     spec = spec or "auto"
     if spec == "auto":
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
-        if offline:
-            log.warning("stats corpus: hub offline, using builtin:general (pass --stats-corpus to choose)")
+        why = "hub offline" if offline else (None if hub_reachable() else "hub unreachable")
+        if why:
+            log.warning("stats corpus: %s, using builtin:general (pass --stats-corpus to choose)", why)
             return resolve_corpus("builtin:general")
         spec = "wikitext"
     if spec == "builtin:general":
