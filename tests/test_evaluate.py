@@ -522,7 +522,6 @@ def test_generation_is_seeded_sharding_independent_and_scored(tmp_path):
     assert [r["record_index"] for r in every_other] == [0, 2]
 
 
-
 def test_generation_batched_across_records_draws_each_records_own_text():
     """Several records in one sampling batch (different prompt lengths and counts, one without prompts) give
     every record exactly the text it gets alone, whatever its place in the batch."""
@@ -541,6 +540,7 @@ def test_generation_batched_across_records_draws_each_records_own_text():
     assert alone["1"] == [] and len(alone["3"]) == 3
     for g, rec in zip(gens, recs, strict=True):  # each text continues its own prompt
         assert all(t.startswith(p) and len(t) > len(p) for t, p in zip(alone[rec.case_id], g, strict=True))
+
 
 # -- CLI -------------------------------------------------------------------------------------------
 def test_cli_bad_dataset_is_one_clear_line(tmp_path):

@@ -57,7 +57,6 @@ def test_json_array_corpus_is_read_like_jsonl_with_a_content_hash(tmp_path: Path
     assert a.provenance["corpus_revision"].startswith("sha256:")
 
 
-
 def test_auto_corpus_falls_back_when_the_hub_cannot_be_reached(monkeypatch, caplog) -> None:
     """A machine without network and without HF_HUB_OFFLINE: ``auto`` (the default of ``rayedit edit``) uses the
     builtin corpus at once instead of failing after the datasets library's retries."""
@@ -77,6 +76,7 @@ def test_auto_corpus_falls_back_when_the_hub_cannot_be_reached(monkeypatch, capl
         server.listen(1)
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
         assert resolve_corpus("auto").id == "hf:wikitext:wikitext-103-raw-v1"
+
 
 @pytest.mark.parametrize(("name", "text", "expect"), [
     ("number.json", "42", ["top-level JSON value is a number (42)", "expected a JSON array"]),

@@ -93,6 +93,21 @@ def chunks_by_tokens(lengths: Sequence[int], max_tokens: int, max_seqs: int | No
     return out
 
 
+def chunks_by_total(sizes: Sequence[int], max_total: int) -> list[list[int]]:
+    """Split indices into consecutive chunks whose sizes sum to at most ``max_total`` (an item larger than that
+    gets a chunk of its own): e.g. several records' sampled rows in one generation batch."""
+    out: list[list[int]] = []
+    total = 0
+    for i, n in enumerate(sizes):
+        if out and total + n <= max_total:
+            out[-1].append(i)
+            total += n
+        else:
+            out.append([i])
+            total = n
+    return out
+
+
 def pad_id(tok) -> int:
     pid = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return int(pid if pid is not None else 0)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..editing.tokens import chunks_by_total
 from .protocols import GENERATION
 from .records import case_id_of, request_of, str_list
 from .scoring import PromptEncoder, kv_cache_kwarg, model_device, model_max_positions, output_kv_cache
@@ -257,27 +258,18 @@ def generation_rows(model: torch.nn.Module, encoder: PromptEncoder, records: Seq
               if not index % settings.interval]
     # several records per forward pass: on a small model the per-token cost is mostly per-call overhead
     samples_of: list[list[Sample]] = []
-    batch: list[tuple[list[str], torch.Generator]] = []
-
-    def flush() -> None:
-        prompts = [p for ps, _ in batch for p in ps]
-        gens = [g for ps, g in batch for _ in ps]
+    for chunk in chunks_by_total([len(prompts) for _, _, prompts in tested], batch_prompts):
+        prompts = [p for i in chunk for p in tested[i][2]]
+        gens = []
+        for i in chunk:
+            gen = torch.Generator(device=dev)
+            gen.manual_seed(record_seed(settings.seed, case_id_of(tested[i][1])))
+            gens += [gen] * len(tested[i][2])
         out = sample_top_k(model, encoder, prompts, max_length=settings.max_length, top_k=settings.top_k,
                            generator=gens)
-        at = 0
-        for ps, _ in batch:
-            samples_of.append(out[at:at + len(ps)])
-            at += len(ps)
-        batch.clear()
-
-    for _, rec, prompts in tested:
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(record_seed(settings.seed, case_id_of(rec)))
-        if batch and sum(len(ps) for ps, _ in batch) + len(prompts) > batch_prompts:
-            flush()
-        batch.append((prompts, gen))
-    if batch:
-        flush()
+        for i in chunk:
+            samples_of.append(out[:len(tested[i][2])])
+            out = out[len(tested[i][2]):]
     rows: list[dict[str, Any]] = []
     for (index, rec, _), samples in zip(tested, samples_of, strict=True):
         cid = case_id_of(rec)

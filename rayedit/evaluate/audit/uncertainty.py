@@ -35,6 +35,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from ...editing.tokens import chunks_by_total
 from ..records import case_id_of, prompt_text, request_of, str_list
 from ..scoring import PromptEncoder, model_max_positions
 from .protocols import UNCERTAINTY
@@ -284,19 +285,13 @@ def uncertainty_rows(model: Any, tokenizer: Any, facts: Sequence[tuple[int, Prob
     prompts = _Prompts(model, tokenizer, settings)
     tag = settings_tag(settings, getattr(embedder, "name", type(embedder).__name__))
     roles = set(settings.roles)
-    per_row = settings.n_paraphrases * settings.n_samples
     chosen_of = {index: [i for i, q in enumerate(fact.queries) if q.role in roles] for index, fact in facts}
     tested = [(index, fact) for index, fact in facts if chosen_of[index]]
     # several facts per generation batch (up to max_batch_rows sampled rows): one pass per batch, not per fact
-    batches: list[list[tuple[int, ProbeFact]]] = []
-    for index, fact in tested:
-        n_rows = len(chosen_of[index]) * per_row
-        if batches and sum(len(chosen_of[i]) for i, _ in batches[-1]) * per_row + n_rows <= settings.max_batch_rows:
-            batches[-1].append((index, fact))
-        else:
-            batches.append([(index, fact)])
+    n_rows = [len(chosen_of[index]) * settings.n_paraphrases * settings.n_samples for index, _ in tested]
     rows: list[dict[str, Any]] = []
-    for batch in batches:
+    for chunk in chunks_by_total(n_rows, settings.max_batch_rows):
+        batch = [tested[i] for i in chunk]
         items = [(fact, chosen_of[index]) for index, fact in batch]
         posts = measure_facts(model, prompts, embedder, items, settings)
         pres: list[list[dict[str, Any]] | None] = [None] * len(batch)
